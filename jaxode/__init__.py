@@ -1,0 +1,13 @@
+"""jaxode: neural ordinary differential equations in JAX.
+
+``odesolve`` solves ``dz/dt = f(z, t, params)`` with explicit Runge–Kutta methods under
+``jit``/``vmap``/``grad``; gradients by the continuous adjoint method or by backpropagation
+through the solver.
+"""
+
+from .adjoint import Info
+from .odesolve import adjoint_backward_info, odesolve
+from .tableaus import SOLVERS, ButcherTableau
+
+__all__ = ["odesolve", "adjoint_backward_info", "Info", "ButcherTableau", "SOLVERS"]
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""Input validation (at trace time where the input is concrete) and runtime failure reports."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+SUCCESS = 0
+MAX_STEPS_REACHED = 1
+STEP_SIZE_UNDERFLOW = 2
+NONFINITE = 3
+
+STATUS_MESSAGES = (
+    "",
+    "jaxode: the solve took max_steps steps (accepted and rejected) without reaching the final "
+    "time; raise max_steps, loosen rtol/atol, or check the vector field for stiffness",
+    "jaxode: the step size underflowed (the step became too small for the time's precision); "
+    "the problem may be stiff or singular, or rtol/atol too tight for the dtype",
+    "jaxode: the solution became non-finite (NaN or inf) and shrinking the step did not help",
+)
+
+GRADIENT_MODES = ("adjoint", "backprop")
+
+
+def is_concrete(x) -> bool:
+    """Whether ``x`` has a value now (not a tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_ts(ts) -> Array:
+    """Checks the output times: a 1-D array of >= 2 finite, strictly monotonic values."""
+    ts = jnp.asarray(ts)
+    if ts.ndim != 1:
+        raise ValueError(f"ts must be a 1-D array of times, got shape {ts.shape}")
+    if ts.shape[0] < 2:
+        raise ValueError(f"ts must hold at least two times (start and end), got {ts.shape[0]}")
+    if not jnp.issubdtype(ts.dtype, jnp.floating):
+        ts = ts.astype(jnp.result_type(float))
+    if is_concrete(ts):
+        v = np.asarray(ts)
+        if not np.all(np.isfinite(v)):
+            raise ValueError("ts must be finite, got a NaN or inf")
+        d = np.diff(v)
+        if not (np.all(d > 0) or np.all(d < 0)):
+            raise ValueError("ts must be strictly increasing or strictly decreasing")
+    return ts
+
+
+def runtime_check_ts(ts) -> Array:
+    """The same check for traced ``ts``, as an error raised by the compiled program."""
+    d = jnp.diff(ts)
+    bad = ~(jnp.all(d > 0) | jnp.all(d < 0)) | ~jnp.all(jnp.isfinite(ts))
+    return eqx.error_if(ts, bad, "ts must be finite and strictly increasing or strictly decreasing")
+
+
+def check_z0(z0) -> None:
+    leaves = jax.tree_util.tree_leaves(z0)
+    if not leaves:
+        raise ValueError("z0 must hold at least one array")
+    for leaf in leaves:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"z0 must hold floating-point arrays, got dtype {dtype}; "
+                "convert it, e.g. jnp.asarray(z0, dtype=float)"
+            )
+
+
+def check_output(f, z0, t, params) -> None:
+    """Checks at trace time that ``f(z0, t, params)`` matches ``z0``'s structure, shapes, dtypes."""
+    out = jax.eval_shape(f, z0, t, params)
+    s_in, s_out = jax.tree_util.tree_structure(z0), jax.tree_util.tree_structure(out)
+    if s_in != s_out:
+        raise ValueError(f"f(z, t, params) must return the structure of z0: expected {s_in}, got {s_out}")
+    for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(z0), jax.tree_util.tree_leaves(out))):
+        a = jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+        if a.shape != b.shape:
+            raise ValueError(f"f(z, t, params) must return arrays shaped like z0: leaf {i} has "
+                             f"shape {a.shape} in z0 but {b.shape} in f's output")
+        if a.dtype != b.dtype:
+            raise TypeError(f"f(z, t, params) must return the dtypes of z0: leaf {i} is "
+                            f"{a.dtype} in z0 but {b.dtype} in f's output")
+
+
+def check_options(tableau, rtol, atol, dt0, max_steps, gradient) -> None:
+    if gradient not in GRADIENT_MODES:
+        raise ValueError(f"unknown gradient mode {gradient!r}: use one of {GRADIENT_MODES}")
+    if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if is_concrete(v) and np.any(np.asarray(v) < 0):
+            raise ValueError(f"{name} must be >= 0, got {v}")
+        if is_concrete(v) and not np.all(np.isfinite(np.asarray(v))):
+            raise ValueError(f"{name} must be finite, got {v}")
+    if dt0 is None:
+        if not tableau.adaptive:
+            raise ValueError(
+                f"solver {tableau.name!r} has a fixed step: pass dt0 (the step size)"
+            )
+    elif is_concrete(dt0) and not np.all(np.asarray(dt0) > 0):
+        raise ValueError(f"dt0 must be > 0 (a magnitude; the direction comes from ts), got {dt0}")
+
+
+def raise_on_failure(x, status):
+    """Raises (also under ``jit``) the message of ``status`` if it is not ``SUCCESS``."""
+    status = jax.lax.stop_gradient(status)
+    return eqx.branched_error_if(x, status != SUCCESS, status, STATUS_MESSAGES)

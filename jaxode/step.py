@@ -1,0 +1,126 @@
+"""One explicit Runge–Kutta step, the error norm, the PI step-size controller, the first step.
+
+All functions act on flat state vectors ``y`` of shape ``(n,)`` and a vector field
+``field(y, t) -> dy/dt`` of the same shape; time runs forwards (the loop maps a backwards
+solve onto a forwards one).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax.numpy as jnp
+from jax import Array
+
+from .tableaus import ButcherTableau
+
+Field = Callable[[Array, Array], Array]
+
+SAFETY = 0.9
+FACTOR_MIN = 0.2
+FACTOR_MAX = 10.0
+
+
+class Step(NamedTuple):
+    """The result of one step attempt.
+
+    Attributes:
+        y_new: the solution at ``t + h``, shape ``(n,)``.
+        f_new: ``f(y_new, t + h)`` when the method is FSAL, else ``None``.
+        error: the local error estimate ``h Σ e_i k_i`` (``None`` for fixed-step methods).
+        error3: DOP853's second (3rd-order) estimate, else ``None``.
+        stages: the stage derivatives ``k_i``, a list of ``s`` arrays of shape ``(n,)``.
+    """
+
+    y_new: Array
+    f_new: Array | None
+    error: Array | None
+    error3: Array | None
+    stages: list
+
+
+def weighted_sum(weights, vectors):
+    """``Σ_i w_i v_i`` over the nonzero weights (Python floats; unrolled for XLA to fuse)."""
+    terms = [w * v for w, v in zip(weights, vectors) if w != 0]
+    if not terms:
+        return jnp.zeros_like(vectors[0])
+    return sum(terms[1:], terms[0])
+
+
+def rk_step(tableau: ButcherTableau, field: Field, t, y, h, f0) -> Step:
+    """One step of ``tableau`` from ``(t, y)`` with step ``h``, reusing ``f0 = f(y, t)``."""
+    ks = [f0]
+    for c_i, a_i in zip(tableau.c[1:], tableau.a):
+        ks.append(field(y + h * weighted_sum(a_i, ks), t + c_i * h))
+    y_new = y + h * weighted_sum(tableau.b, ks)
+    error = None if tableau.b_error is None else h * weighted_sum(tableau.b_error, ks)
+    error3 = None if tableau.b_error3 is None else h * weighted_sum(tableau.b_error3, ks)
+    return Step(y_new, ks[-1] if tableau.fsal else None, error, error3, ks)
+
+
+def rms_norm(x, segments) -> Array:
+    """The largest RMS norm over the ``segments`` ``[(start, stop), ...]`` of ``x``.
+
+    With a single segment covering ``x`` this is the usual RMS norm; with several, each part
+    of the state is controlled on its own (no part can dilute another's error).
+    """
+    return jnp.max(jnp.stack([jnp.sqrt(jnp.mean(x[a:b] ** 2)) for a, b in segments]))
+
+
+def error_ratio(step: Step, y, rtol, atol, segments) -> Array:
+    """The scaled error ``‖err / (atol + rtol max(|y|, |y_new|))‖``: a step is accepted at ≤ 1.
+
+    For DOP853 the two estimates are combined per segment as
+    ``|e5|² / sqrt(|e5|² + 0.01 |e3|²)`` (Hairer, Nørsett & Wanner, II.10). A NaN or inf in
+    the estimate gives an infinite ratio.
+    """
+    scale = atol + rtol * jnp.maximum(jnp.abs(y), jnp.abs(step.y_new))
+    per_part = [jnp.sqrt(jnp.mean((step.error[a:b] / scale[a:b]) ** 2)) for a, b in segments]
+    if step.error3 is not None:
+        combined = []
+        for (a, b), e5 in zip(segments, per_part):
+            e3 = jnp.sqrt(jnp.mean((step.error3[a:b] / scale[a:b]) ** 2))
+            denom = jnp.sqrt(e5**2 + 0.01 * e3**2)
+            combined.append(jnp.where(denom > 0, e5**2 / jnp.where(denom > 0, denom, 1), 0))
+        per_part = combined
+    ratio = jnp.max(jnp.stack(per_part))
+    return jnp.where(jnp.isnan(ratio), jnp.inf, ratio)
+
+
+def step_factor(ratio, ratio_prev, accepted, error_order: int) -> Array:
+    """The PI controller: the factor by which to multiply the step just tried.
+
+    ``h_new = h · safety · ratio^(-0.7/k) · ratio_prev^(0.4/k)`` after an accepted step and
+    ``h · safety · ratio^(-1/k)`` after a rejected one, with ``k = error_order + 1``
+    (Gustafsson 1991; Hairer & Wanner, *Solving ODEs II*, IV.2), clipped to
+    ``[0.2, 10]`` (``[0.2, 1]`` after a rejection). A non-finite ratio gives 0.2.
+    """
+    k = error_order + 1
+    ratio = jnp.maximum(ratio, 1e-10)
+    pi = SAFETY * ratio ** (-0.7 / k) * jnp.maximum(ratio_prev, 1e-4) ** (0.4 / k)
+    integral = SAFETY * ratio ** (-1.0 / k)
+    factor = jnp.where(accepted, jnp.clip(pi, FACTOR_MIN, FACTOR_MAX), jnp.clip(integral, FACTOR_MIN, 1))
+    return jnp.where(jnp.isfinite(ratio), factor, FACTOR_MIN)
+
+
+def initial_step(field: Field, t0, y0, f0, span, order: int, rtol, atol, segments) -> Array:
+    """The first step size (Hairer, Nørsett & Wanner, *Solving ODEs I*, II.4), at most ``span``.
+
+    Uses one evaluation of ``field`` beyond ``f0 = f(y0, t0)``: an explicit Euler step of
+    ``h0 = 0.01 ‖y0‖ / ‖f0‖`` estimates the second derivative, and ``h1`` makes the local
+    error of order ``order`` about 0.01.
+    """
+    scale = atol + jnp.abs(y0) * rtol
+    d0 = rms_norm(y0 / scale, segments)
+    d1 = rms_norm(f0 / scale, segments)
+    h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.where(d1 > 0, d1, 1))
+    h0 = jnp.minimum(h0, span)
+    f1 = field(y0 + h0 * f0, t0 + h0)
+    d2 = rms_norm((f1 - f0) / scale, segments) / h0
+    dmax = jnp.maximum(d1, d2)
+    h1 = jnp.where(
+        dmax <= 1e-15,
+        jnp.maximum(1e-6, h0 * 1e-3),
+        (0.01 / jnp.where(dmax > 0, dmax, 1)) ** (1.0 / (order + 1)),
+    )
+    return jnp.minimum(jnp.minimum(100 * h0, h1), span)
