@@ -25,7 +25,8 @@ adjoints are left out of the error control (Kidger, Chen & Lyons, "Hey, that's n
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +49,9 @@ class Info(NamedTuple):
         num_steps: step attempts, ``num_accepted + num_rejected``.
         num_accepted: accepted steps.
         num_rejected: rejected steps.
-        nfe: evaluations of the vector field (for the adjoint's backward solve: evaluations
-            of the augmented field, one ``jax.vjp`` of ``f`` each, plus the evaluations of
-            ``f`` at the output times).
+        nfe: evaluations of the vector field, including the first-step selection (for the
+            adjoint's backward solve: evaluations of the augmented field, one ``jax.vjp`` of
+            ``f`` each).
         status: 0 on success; 1 max_steps reached; 2 step size underflow; 3 non-finite state.
     """
 
@@ -80,19 +81,26 @@ def info_of(state: LoopState, extra_nfe: int = 0) -> Info:
     )
 
 
-def forward(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, cfg: Config, differentiable=False):
-    """The plain solve: ``(ys, info)`` with ``ys`` of shape ``(len(ts), n)``."""
+def forward(
+    field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, cfg: Config,
+    differentiable: bool = False, last_step: bool = False,
+):
+    """The plain solve: ``(ys, info)`` with ``ys`` of shape ``(len(ts), n)`` (and, with
+    ``last_step``, the step size the controller proposed at the end)."""
     state = integrate(
         lambda y, t: field(y, t, diff, nondiff), y0, ts, rtol, atol, dt0,
         tableau=cfg.tableau, max_steps=cfg.max_steps, differentiable=differentiable,
     )
-    return state.ys, info_of(state)
+    return (state.ys, info_of(state)) + ((state.h,) if last_step else ())
 
 
 def backward(field: FlatField, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0, cfg: Config):
     """The backward augmented solve: ``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, info)``.
 
-    ``ys``: the forward outputs ``(T, n)``; ``ct_ys``: ``∂L/∂ys``, same shape.
+    ``ys``: the forward outputs ``(T, n)``; ``ct_ys``: ``∂L/∂ys``, same shape; ``dt0``: the
+    first step to try (``None``: automatic). ``info.nfe`` counts evaluations of the augmented
+    field (one ``jax.vjp`` of ``f`` each); ``∂L/∂ts`` takes ``T - 1`` more evaluations of ``f``
+    at the outputs, in one batch (removed by XLA when ``ts`` is not differentiated).
     """
     num_out, n = ys.shape
     theta, unravel = ravel_pytree(diff)
@@ -125,7 +133,7 @@ def backward(field: FlatField, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0, cf
     ct_ts = jnp.concatenate([(y[-1] - jnp.sum(ct_t))[None], ct_t]).astype(ts.dtype)
     ct_y0 = y[n : 2 * n].astype(ys.dtype)
     ct_diff = unravel(y[2 * n : 2 * n + p])
-    return ct_y0, ct_ts, ct_diff, info_of(state, extra_nfe=num_out - 1)
+    return ct_y0, ct_ts, ct_diff, info_of(state)
 
 
 def _zero_cotangent(x):
@@ -144,7 +152,9 @@ def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol
         return forward(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg)
 
     def _fwd(y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol):
-        ys, info = forward(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg)
+        ys, info, last_step = forward(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg, last_step=True)
+        if cfg.tableau.adaptive:  # the backward solve starts with the forward's last step size
+            dt0 = last_step
         return (ys, info), (ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
 
     def _bwd(residuals, cotangents):
@@ -154,12 +164,13 @@ def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol
             field, ys, ts, diff, nondiff, ct_ys, adjoint_rtol, adjoint_atol, dt0, cfg
         )
         failed = info.status != errors.SUCCESS
-        if cfg.throw:
-            ct_y0 = errors.raise_on_failure(ct_y0, info.status)
+        if cfg.throw:  # attached to every cotangent: any one that is used carries the check
+            ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), info.status)
         else:
             nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x)  # noqa: E731
             ct_y0, ct_ts, ct_diff = jax.tree_util.tree_map(nan_if_failed, (ct_y0, ct_ts, ct_diff))
-        zeros = jax.tree_util.tree_map(_zero_cotangent, (nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol))
+        unused = (nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
+        zeros = jax.tree_util.tree_map(_zero_cotangent, unused)
         return (ct_y0, ct_ts, ct_diff) + zeros
 
     _solve.defvjp(_fwd, _bwd)

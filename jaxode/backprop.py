@@ -22,7 +22,8 @@ lower ``max_steps``, when differentiating a vmapped solve in backprop mode.
 from __future__ import annotations
 
 import math
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 from jax import lax
@@ -41,10 +42,10 @@ def checkpointed_while(
         return lax.cond(cond(state), body, lambda s: s, state), None
 
     @jax.checkpoint
-    def run_block(state, _):
-        def run(s):
-            return lax.scan(guarded, s, None, length=block)[0]
+    def run(state):
+        return lax.scan(guarded, state, None, length=block)[0]
 
+    def run_block(state, _):
         return lax.cond(cond(state), run, lambda s: s, state), None
 
     return lax.scan(run_block, init, None, length=num_blocks)[0]

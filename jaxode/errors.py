@@ -71,7 +71,7 @@ def check_z0(z0) -> None:
 
 def check_output(f, z0, t, params) -> None:
     """Checks at trace time that ``f(z0, t, params)`` matches ``z0``'s structure, shapes, dtypes."""
-    out = jax.eval_shape(f, z0, t, params)
+    out = eqx.filter_eval_shape(f, z0, t, params)
     s_in, s_out = jax.tree_util.tree_structure(z0), jax.tree_util.tree_structure(out)
     if s_in != s_out:
         raise ValueError(f"f(z, t, params) must return the structure of z0: expected {s_in}, got {s_out}")

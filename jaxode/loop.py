@@ -24,7 +24,8 @@ differentiation.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,8 +149,9 @@ def integrate(
             if jump is not None:
                 y_jumped = jump(i_out, y_new)
                 y_new = jnp.where(arrived, y_jumped, y_new)
-                f_new = lax.cond(arrived, lambda: g(y_jumped, t_new), lambda: f_new)
-                nfe = nfe + arrived.astype(int_)
+                again = arrived & (i_out < num_out - 1)  # not needed after the last output
+                f_new = lax.cond(again, lambda: g(y_jumped, t_new), lambda: f_new)
+                nfe = nfe + again.astype(int_)
             i_out = i_out + arrived.astype(int_)
         else:
             in_step = accept & (s_ts[jnp.minimum(i_out, num_out - 1)] <= t_new)

@@ -3,11 +3,13 @@ gradient mode."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.flatten_util import ravel_pytree
 
@@ -112,7 +114,7 @@ def odesolve(
     tableau = get_solver(solver)
     errors.check_options(tableau, rtol, atol, dt0, max_steps, gradient)
     for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
-        if v is not None and errors.is_concrete(v) and jnp.any(jnp.asarray(v) < 0):
+        if v is not None and errors.is_concrete(v) and np.any(np.asarray(v) < 0):
             raise ValueError(f"{name} must be >= 0, got {v}")
     pb = _prepare(f, z0, ts, params, rtol, atol, dt0, tableau)
     cfg = Config(tableau, max_steps, adjoint_seminorm, throw)
@@ -156,12 +158,14 @@ def adjoint_backward_info(
     errors.check_options(tableau, rtol, atol, dt0, max_steps, "adjoint")
     pb = _prepare(f, z0, ts, params, rtol, atol, dt0, tableau)
     cfg = Config(tableau, max_steps, options.get("adjoint_seminorm", False))
-    ys, fwd_info = adjoint.forward(pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg)
+    ys, fwd_info, last_step = adjoint.forward(
+        pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg, last_step=True
+    )
     ct = jnp.ones_like(ys) if cotangent is None else jax.vmap(lambda c: ravel_pytree(c)[0])(cotangent)
     a_rtol = options.get("adjoint_rtol") or pb.rtol
     a_atol = options.get("adjoint_atol") or pb.atol
     ct_y0, ct_ts, _, bwd_info = adjoint.backward(
         pb.field, ys, pb.ts, pb.diff, pb.nondiff, ct, jnp.asarray(a_rtol, pb.y0.dtype),
-        jnp.asarray(a_atol, pb.y0.dtype), pb.dt0, cfg,
+        jnp.asarray(a_atol, pb.y0.dtype), last_step if tableau.adaptive else pb.dt0, cfg,
     )
     return (ct_y0, ct_ts), (fwd_info, bwd_info)

@@ -7,7 +7,8 @@ solve onto a forwards one).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import Array
@@ -90,14 +91,18 @@ def error_ratio(step: Step, y, rtol, atol, segments) -> Array:
 def step_factor(ratio, ratio_prev, accepted, error_order: int) -> Array:
     """The PI controller: the factor by which to multiply the step just tried.
 
-    ``h_new = h · safety · ratio^(-0.7/k) · ratio_prev^(0.4/k)`` after an accepted step and
-    ``h · safety · ratio^(-1/k)`` after a rejected one, with ``k = error_order + 1``
-    (Gustafsson 1991; Hairer & Wanner, *Solving ODEs II*, IV.2), clipped to
-    ``[0.2, 10]`` (``[0.2, 1]`` after a rejection). A non-finite ratio gives 0.2.
+    After an accepted step ``h_new = h · safety · ratio^(-α) · ratio_prev^β`` with
+    ``k = error_order + 1``, ``β = 0.2 / k``, ``α = 1/k - 0.75 β`` (the PI controller of
+    Hairer's DOPRI5 and DOP853 codes: β = 0.04 for a 5(4) pair; Hairer, Nørsett & Wanner,
+    *Solving ODEs I*, IV.2 and II.4); after a rejected one ``h · safety · ratio^(-1/k)``.
+    The factor is clipped to ``[0.2, 10]`` (``[0.2, 1]`` after a rejection); a non-finite
+    ratio gives 0.2.
     """
     k = error_order + 1
+    beta = 0.2 / k
+    alpha = 1.0 / k - 0.75 * beta
     ratio = jnp.maximum(ratio, 1e-10)
-    pi = SAFETY * ratio ** (-0.7 / k) * jnp.maximum(ratio_prev, 1e-4) ** (0.4 / k)
+    pi = SAFETY * ratio ** (-alpha) * jnp.maximum(ratio_prev, 1e-4) ** beta
     integral = SAFETY * ratio ** (-1.0 / k)
     factor = jnp.where(accepted, jnp.clip(pi, FACTOR_MIN, FACTOR_MAX), jnp.clip(integral, FACTOR_MIN, 1))
     return jnp.where(jnp.isfinite(ratio), factor, FACTOR_MIN)

@@ -1,0 +1,449 @@
+"""Neural-ODE building blocks as Equinox modules.
+
+* ``MLPField``: a multilayer perceptron vector field ``f(z, t) = MLP([z, t])``.
+* ``ConcatSquashField``: FFJORD's "concat-squash" field, time entering every layer through a
+  gate and a bias.
+* ``NeuralODE`` (alias ``ODEBlock``): a layer ``z0 -> z(t1)`` (or ``z0 -> z(ts)``) that solves
+  ``dz/dt = field(z, t)`` with ``jaxode.odesolve``.
+
+The fields follow ``odesolve``'s calling convention ``f(z, t, params=None) -> dz/dt``; their
+weights live in the module and are differentiated because ``odesolve`` hoists the arrays a
+vector field holds. So ``eqx.filter_grad`` of a loss of ``NeuralODE(...)(z0)`` differentiates
+the field's weights, by the continuous adjoint method or by backpropagation through the
+solver (``gradient=``)::
+
+    import equinox as eqx, jax, jax.numpy as jnp, optax, jaxode.nn as jnn
+
+    field = jnn.MLPField(2, width=32, depth=2, key=jax.random.key(0))
+    ode = jnn.NeuralODE(field, ts=jnp.linspace(0.0, 1.0, 11))   # z0 (2,) -> ys (11, 2)
+    loss = lambda m, z0, y: jnp.mean((eqx.filter_vmap(m)(z0) - y) ** 2)
+    grads = eqx.filter_grad(loss)(ode, z0_batch, ys_batch)   # same tree as ode
+
+Shapes. Both fields take ``z`` of shape ``(..., d)``: the last axis holds the ``d`` state
+features and any leading axes are a batch, evaluated independently with the same (scalar)
+time ``t``; the result has ``z``'s shape and dtype. There are two ways to solve a batch:
+
+* ``eqx.filter_vmap(node)(z0s)`` with ``z0s`` of shape ``(B, d)``: ``B`` independent solves,
+  each with its own adaptive steps (the answer for each element equals an unbatched solve);
+* ``node(z0s)`` directly: one solve of the ``(B, d)`` state, whose step sizes are shared and
+  controlled by the RMS error over the whole batch (cheaper per step; the answers agree with
+  the independent solves to within the tolerances).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from . import errors
+from .odesolve import odesolve
+from .tableaus import ButcherTableau, get_solver
+
+__all__ = ["MLPField", "ConcatSquashField", "NeuralODE", "ODEBlock"]
+
+
+def _check_size(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _dense(layer: eqx.nn.Linear, h: Array) -> Array:
+    """``h @ W.T + b`` for ``h`` of shape ``(..., in)``: an ``eqx.nn.Linear`` on the last axis."""
+    out = h @ layer.weight.T
+    return out if layer.bias is None else out + layer.bias
+
+
+def _check_input(name: str, z: Array, data_size: int) -> None:
+    if jnp.ndim(z) < 1 or jnp.shape(z)[-1] != data_size:
+        raise ValueError(
+            f"{name} was built for states of shape (..., {data_size}) (data_size={data_size}), "
+            f"got z of shape {tuple(jnp.shape(z))}"
+        )
+
+
+def _time_column(t: Array, z: Array) -> Array:
+    """The scalar ``t`` as a column ``(..., 1)`` matching ``z``'s batch axes and dtype."""
+    t = jnp.asarray(t, z.dtype)
+    if t.ndim != 0:
+        raise ValueError(f"t must be a scalar time, got shape {t.shape}")
+    return jnp.broadcast_to(t, z.shape[:-1] + (1,))
+
+
+class MLPField(eqx.Module):
+    """A multilayer perceptron vector field that takes the time as an input.
+
+    Math, for ``z`` in ``R^d`` and hidden width ``w``, ``depth = L >= 0`` hidden layers and
+    activation ``σ``::
+
+        h_0 = [z, t]                          (d + 1,)   (just z when autonomous=True)
+        h_k = σ(W_k h_(k-1) + b_k)            (w,)       k = 1 .. L
+        f(z, t) = σ_out(W_(L+1) h_L + b_(L+1))  (d,)
+
+    ``depth=0`` is the affine field ``W [z, t] + b``. The weights are ``eqx.nn.Linear``
+    layers with Equinox's default initialisation (uniform in ``±1/sqrt(fan_in)``).
+
+    Shapes: ``z`` of shape ``(..., d)``, the leading axes a batch sharing the scalar ``t``;
+    returns ``dz/dt`` of ``z``'s shape and dtype (the output is cast to ``z``'s dtype, so
+    float32 weights serve float64 states and vice versa).
+
+    Args:
+        data_size: ``d``, the number of state features (the last axis of ``z``).
+        width: ``w``, the hidden width (default 64).
+        depth: ``L``, the number of hidden layers (default 2).
+        activation: ``σ`` (default ``jnp.tanh``).
+        final_activation: ``σ_out`` on the output (default: identity).
+        autonomous: if ``True`` the time is not an input: ``f(z, t) = MLP(z)`` (default
+            ``False``).
+        scale: multiplies the output layer's initial weights and bias (default 1.0); a small
+            value starts the flow near the identity map.
+        dtype: the weights' dtype (default: JAX's default float dtype).
+        key: a ``jax.random`` key for the initial weights (keyword only).
+    """
+
+    layers: tuple[eqx.nn.Linear, ...]
+    data_size: int = eqx.field(static=True)
+    width: int = eqx.field(static=True)
+    depth: int = eqx.field(static=True)
+    activation: Callable[[Array], Array] = eqx.field(static=True)
+    final_activation: Callable[[Array], Array] | None = eqx.field(static=True)
+    autonomous: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        data_size: int,
+        width: int = 64,
+        depth: int = 2,
+        activation: Callable[[Array], Array] = jnp.tanh,
+        final_activation: Callable[[Array], Array] | None = None,
+        *,
+        autonomous: bool = False,
+        scale: float = 1.0,
+        dtype: Any = None,
+        key: Array,
+    ):
+        self.data_size = _check_size("data_size", data_size, 1)
+        self.width = _check_size("width", width, 1)
+        self.depth = _check_size("depth", depth, 0)
+        self.activation = activation
+        self.final_activation = final_activation
+        self.autonomous = bool(autonomous)
+        sizes = [self.data_size + (0 if self.autonomous else 1)] + [self.width] * self.depth
+        sizes.append(self.data_size)
+        keys = jax.random.split(key, len(sizes) - 1)
+        layers = [
+            eqx.nn.Linear(i, o, dtype=dtype, key=k)
+            for i, o, k in zip(sizes[:-1], sizes[1:], keys, strict=True)
+        ]
+        if scale != 1.0:
+            last = layers[-1]
+            last = eqx.tree_at(lambda m: (m.weight, m.bias), last, (last.weight * scale, last.bias * scale))
+            layers[-1] = last
+        self.layers = tuple(layers)
+
+    def __call__(self, z: Array, t: Array | float, params: Any = None) -> Array:
+        """``dz/dt = f(z, t)`` for ``z`` of shape ``(..., d)``; ``params`` is ignored."""
+        z = jnp.asarray(z)
+        _check_input("MLPField", z, self.data_size)
+        h = z if self.autonomous else jnp.concatenate([z, _time_column(t, z)], axis=-1)
+        for layer in self.layers[:-1]:
+            h = self.activation(_dense(layer, h))
+        out = _dense(self.layers[-1], h)
+        if self.final_activation is not None:
+            out = self.final_activation(out)
+        return out.astype(z.dtype)
+
+
+class _ConcatSquash(eqx.Module):
+    """One concat-squash layer: ``(W h + b) * sigmoid(W_g t + b_g) + W_b t``."""
+
+    linear: eqx.nn.Linear
+    gate: eqx.nn.Linear
+    hyper_bias: eqx.nn.Linear
+
+    def __init__(self, in_size: int, out_size: int, dtype: Any, key: Array):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.linear = eqx.nn.Linear(in_size, out_size, dtype=dtype, key=k1)
+        self.gate = eqx.nn.Linear(1, out_size, dtype=dtype, key=k2)
+        self.hyper_bias = eqx.nn.Linear(1, out_size, use_bias=False, dtype=dtype, key=k3)
+
+    def __call__(self, h: Array, t_col: Array) -> Array:
+        return _dense(self.linear, h) * jax.nn.sigmoid(_dense(self.gate, t_col)) + _dense(
+            self.hyper_bias, t_col
+        )
+
+
+class ConcatSquashField(eqx.Module):
+    """FFJORD's "concat-squash" vector field (Grathwohl et al. 2019).
+
+    Every layer ``k`` maps ``h`` to ``(W_k h + b_k) * sigmoid(W_gk t + b_gk) + W_bk t``: the
+    time gates each output unit and shifts it. With ``depth = L`` hidden layers of width
+    ``w`` and activation ``σ``::
+
+        h_0 = z                                (d,)
+        h_k = σ(CS_k(h_(k-1), t))              (w,)   k = 1 .. L
+        f(z, t) = CS_(L+1)(h_L, t)             (d,)
+
+    Shapes: ``z`` of shape ``(..., d)``, the leading axes a batch sharing the scalar ``t``;
+    returns ``dz/dt`` of ``z``'s shape and dtype.
+
+    Args:
+        data_size: ``d``, the number of state features (the last axis of ``z``).
+        width: ``w``, the hidden width (default 64).
+        depth: ``L``, the number of hidden layers (default 2; 0 gives one concat-squash layer).
+        activation: ``σ`` (default ``jnp.tanh``).
+        dtype: the weights' dtype (default: JAX's default float dtype).
+        key: a ``jax.random`` key for the initial weights (keyword only).
+    """
+
+    layers: tuple[_ConcatSquash, ...]
+    data_size: int = eqx.field(static=True)
+    width: int = eqx.field(static=True)
+    depth: int = eqx.field(static=True)
+    activation: Callable[[Array], Array] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        data_size: int,
+        width: int = 64,
+        depth: int = 2,
+        activation: Callable[[Array], Array] = jnp.tanh,
+        *,
+        dtype: Any = None,
+        key: Array,
+    ):
+        self.data_size = _check_size("data_size", data_size, 1)
+        self.width = _check_size("width", width, 1)
+        self.depth = _check_size("depth", depth, 0)
+        self.activation = activation
+        sizes = [self.data_size] + [self.width] * self.depth + [self.data_size]
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = tuple(
+            _ConcatSquash(i, o, dtype, k) for i, o, k in zip(sizes[:-1], sizes[1:], keys, strict=True)
+        )
+
+    def __call__(self, z: Array, t: Array | float, params: Any = None) -> Array:
+        """``dz/dt = f(z, t)`` for ``z`` of shape ``(..., d)``; ``params`` is ignored."""
+        z = jnp.asarray(z)
+        _check_input("ConcatSquashField", z, self.data_size)
+        t_col = _time_column(t, z)
+        h = z
+        for layer in self.layers[:-1]:
+            h = self.activation(layer(h, t_col))
+        return self.layers[-1](h, t_col).astype(z.dtype)
+
+
+def _as_times(ts: Any, what: str) -> tuple[float, ...]:
+    try:
+        v = np.asarray(ts, dtype=np.float64)
+    except (TypeError, jax.errors.TracerArrayConversionError) as e:
+        raise ValueError(
+            f"NeuralODE: {what} must be concrete numbers at construction (pass traced times to "
+            f"__call__(z0, ts) instead), got {ts!r}"
+        ) from e
+    if v.ndim != 1:
+        raise ValueError(f"NeuralODE: {what} must be a 1-D sequence of times, got shape {v.shape}")
+    if v.shape[0] < 2:
+        raise ValueError(f"NeuralODE: {what} must hold at least two times, got {v.shape[0]}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"NeuralODE: {what} must be finite, got {v.tolist()}")
+    d = np.diff(v)
+    if not (np.all(d > 0) or np.all(d < 0)):
+        raise ValueError(
+            f"NeuralODE: {what} must be strictly increasing or strictly decreasing, got {v.tolist()}"
+        )
+    return tuple(float(x) for x in v)
+
+
+def _as_float(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError(f"NeuralODE: {name} must be a number, got {value!r}") from e
+
+
+class NeuralODE(eqx.Module):
+    """A layer that solves ``dz/dt = field(z, t)`` from ``z0`` (Chen et al. 2018's ODE block).
+
+    Two modes:
+
+    * an interval (``ts=None``; ``t0``, ``t1``, default 0 and 1): ``node(z0)`` returns
+      ``z(t1)``, with ``z0``'s shape: a drop-in replacement for a residual block;
+    * output times ``ts`` (``T >= 2``, strictly monotonic, ``ts[0]`` the time of ``z0``):
+      ``node(z0)`` returns ``ys`` with a leading axis of length ``T``, ``ys[i] = z(ts[i])``.
+
+    ``node(z0, ts)`` solves at other times ``ts`` (may be a traced array, e.g. a batch of
+    time windows under ``vmap``) and returns all of ``ys``.
+
+    ``z0`` may be an array of any shape the field accepts (for the fields here, ``(d,)`` or a
+    batch ``(..., d)`` solved jointly) or a pytree. The module is a pytree: its only arrays
+    are the field's, so ``eqx.filter_grad``, ``eqx.filter_jit``, ``eqx.filter_vmap`` and
+    ``optax`` (on ``eqx.filter(node, eqx.is_inexact_array)``) see exactly the field's weights.
+    The times and solve options are static fields; changing them retraces.
+
+    Args:
+        field: the vector field ``field(z, t, params) -> dz/dt`` (``params`` is passed as
+            ``None``), e.g. an ``MLPField``; any callable, usually an Equinox module holding
+            its weights.
+        ts: output times, or ``None`` for the interval mode.
+        t0, t1: the interval of the interval mode (``t0 != t1``; ``t1 < t0`` solves backwards).
+        solver, rtol, atol, dt0, max_steps, gradient, adjoint_rtol, adjoint_atol,
+            adjoint_seminorm, throw: passed to ``jaxode.odesolve`` (same defaults:
+            ``"tsit5"``, 1e-6, 1e-6, ``None``, 4096, ``"adjoint"``, ...).
+        full_output: if ``True`` ``node(z0)`` returns ``(out, info)`` with
+            ``odesolve``'s ``Info`` (``nfe``, ``num_steps``, ...).
+
+    Raises:
+        ValueError: at construction for an unknown solver (the message lists the names), an
+            empty interval, times that are not strictly monotonic, bad tolerances,
+            ``max_steps``, ``gradient`` or a fixed-step solver without ``dt0``; at the first
+            call if the field's output shape differs from the state's (the message names both).
+    """
+
+    field: Callable[..., Any]
+    ts: tuple[float, ...] = eqx.field(static=True)
+    output_all: bool = eqx.field(static=True)
+    solver: str | ButcherTableau = eqx.field(static=True)
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
+    dt0: float | None = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+    gradient: str = eqx.field(static=True)
+    adjoint_rtol: float | None = eqx.field(static=True)
+    adjoint_atol: float | None = eqx.field(static=True)
+    adjoint_seminorm: bool = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+    full_output: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        field: Callable[..., Any],
+        ts: Sequence[float] | Array | None = None,
+        *,
+        t0: float = 0.0,
+        t1: float = 1.0,
+        solver: str | ButcherTableau = "tsit5",
+        rtol: float = 1e-6,
+        atol: float = 1e-6,
+        dt0: float | None = None,
+        max_steps: int = 4096,
+        gradient: str = "adjoint",
+        adjoint_rtol: float | None = None,
+        adjoint_atol: float | None = None,
+        adjoint_seminorm: bool = False,
+        throw: bool = True,
+        full_output: bool = False,
+    ):
+        if not callable(field):
+            raise TypeError(f"NeuralODE: field must be callable as field(z, t, params), got {field!r}")
+        self.field = field
+        if ts is None:
+            t0, t1 = _as_float("t0", t0), _as_float("t1", t1)
+            if not (math.isfinite(t0) and math.isfinite(t1)):
+                raise ValueError(f"NeuralODE: the interval must be finite, got t0={t0}, t1={t1}")
+            if t0 == t1:
+                raise ValueError(f"NeuralODE: empty interval t0 == t1 == {t0}; give t0 != t1")
+            self.ts, self.output_all = (t0, t1), False
+        else:
+            self.ts, self.output_all = _as_times(ts, "ts"), True
+        tableau = get_solver(solver)  # ValueError listing the names for an unknown one
+        self.solver = solver
+        self.rtol, self.atol = _as_float("rtol", rtol), _as_float("atol", atol)
+        self.dt0 = _as_float("dt0", dt0)
+        self.adjoint_rtol = _as_float("adjoint_rtol", adjoint_rtol)
+        self.adjoint_atol = _as_float("adjoint_atol", adjoint_atol)
+        errors.check_options(tableau, self.rtol, self.atol, self.dt0, max_steps, gradient)
+        for name, v in (("adjoint_rtol", self.adjoint_rtol), ("adjoint_atol", self.adjoint_atol)):
+            if v is not None and not v >= 0:
+                raise ValueError(f"NeuralODE: {name} must be >= 0, got {v}")
+        self.max_steps, self.gradient = int(max_steps), gradient
+        self.adjoint_seminorm, self.throw = bool(adjoint_seminorm), bool(throw)
+        self.full_output = bool(full_output)
+
+    @property
+    def t0(self) -> float:
+        """The time of ``z0``."""
+        return self.ts[0]
+
+    @property
+    def t1(self) -> float:
+        """The last time solved to."""
+        return self.ts[-1]
+
+    def _check_field(self, z0: Any, t: Array) -> None:
+        try:
+            out = jax.eval_shape(self.field, z0, t, None)
+        except ValueError:
+            raise
+        except Exception as e:  # a shape error inside the field: name the state's shapes
+            shapes = jax.tree_util.tree_map(lambda x: tuple(jnp.shape(x)), z0)
+            raise ValueError(
+                f"NeuralODE: the field failed on a state of shape {shapes}: {type(e).__name__}: {e}"
+            ) from e
+        s_in, s_out = jax.tree_util.tree_structure(z0), jax.tree_util.tree_structure(out)
+        if s_in != s_out:
+            raise ValueError(
+                f"NeuralODE: the field must return dz/dt with the structure of z: got {s_out} for {s_in}"
+            )
+        for a, b in zip(jax.tree_util.tree_leaves(z0), jax.tree_util.tree_leaves(out), strict=True):
+            if tuple(jnp.shape(a)) != tuple(b.shape):
+                raise ValueError(
+                    f"NeuralODE: the field maps a state of shape {tuple(jnp.shape(a))} to an output "
+                    f"of shape {tuple(b.shape)}; dz/dt must have the shape of z"
+                )
+
+    def __call__(self, z0: Any, ts: Array | None = None, *, full_output: bool | None = None) -> Any:
+        """Solves from ``z0`` at ``self.t0`` (or ``ts[0]``).
+
+        Args:
+            z0: the initial state (an array, e.g. ``(d,)``, or a pytree).
+            ts: optional output times ``(T,)`` overriding the module's; then all of ``ys``
+                (leading axis ``T``) is returned.
+            full_output: overrides the module's ``full_output`` for this call.
+
+        Returns:
+            ``z(t1)`` (shape of ``z0``) in the interval mode, else ``ys`` (leading axis
+            ``T``); with ``full_output``, ``(that, info)``.
+        """
+        leaves = jax.tree_util.tree_leaves(z0)
+        if not leaves:
+            raise ValueError("NeuralODE: z0 must hold at least one array")
+        dtype = jnp.result_type(*leaves)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"NeuralODE: z0 must hold floating-point arrays, got dtype {dtype}")
+        output_all = self.output_all or ts is not None
+        times = jnp.asarray(self.ts if ts is None else ts, dtype=dtype)
+        self._check_field(z0, times[0])
+        ys, info = odesolve(
+            self.field,
+            z0,
+            times,
+            None,
+            solver=self.solver,
+            rtol=self.rtol,
+            atol=self.atol,
+            dt0=self.dt0,
+            max_steps=self.max_steps,
+            gradient=self.gradient,
+            adjoint_rtol=self.adjoint_rtol,
+            adjoint_atol=self.adjoint_atol,
+            adjoint_seminorm=self.adjoint_seminorm,
+            throw=self.throw,
+            full_output=True,
+        )
+        out = ys if output_all else jax.tree_util.tree_map(lambda y: y[-1], ys)
+        want_info = self.full_output if full_output is None else full_output
+        return (out, info) if want_info else out
+
+
+ODEBlock = NeuralODE
+"""An alias of ``NeuralODE``, the name used for the ODE-Net block of Chen et al. (2018)."""

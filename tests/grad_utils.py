@@ -1,0 +1,75 @@
+"""Shared problems and finite-difference helpers for the gradient tests (float64)."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def forced_oscillator(z, t, p):
+    """A nonlinear, non-autonomous field with dict parameters: a damped, driven pendulum."""
+    theta, omega = z[0], z[1]
+    return jnp.stack([p["a"] * omega, -p["b"] * jnp.sin(theta) - 0.1 * omega + 0.3 * jnp.cos(p["w"] * t)])
+
+
+PARAMS = {"a": jnp.array(1.1), "b": jnp.array(2.0), "w": jnp.array(1.3)}
+Z0 = jnp.array([0.8, -0.3])
+TS = jnp.array([0.0, 0.4, 1.1, 1.7, 2.5])
+WEIGHTS = jnp.arange(1.0, 6.0)[:, None] * jnp.array([1.0, -0.5])
+
+
+def weighted_loss(ys):
+    """A loss on every output time, so each cotangent ∂L/∂ys[i] matters."""
+    return jnp.sum(WEIGHTS * ys**2) + jnp.sum(jnp.sin(ys))
+
+
+def central_difference(fun, x, eps=1e-6):
+    """The gradient of scalar ``fun`` at the pytree ``x`` by central differences, leaf by leaf."""
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    grads = []
+    for i, leaf in enumerate(leaves):
+        leaf = np.asarray(leaf, dtype=np.float64)
+        g = np.zeros_like(leaf)
+        for j in range(leaf.size):
+            e = np.zeros_like(leaf)
+            e.flat[j] = eps
+            plus = leaves[:i] + [jnp.asarray(leaf + e)] + leaves[i + 1 :]
+            minus = leaves[:i] + [jnp.asarray(leaf - e)] + leaves[i + 1 :]
+            g.flat[j] = (fun(treedef.unflatten(plus)) - fun(treedef.unflatten(minus))) / (2 * eps)
+        grads.append(g)
+    return treedef.unflatten(grads)
+
+
+def directional_difference(fun, x, direction, eps=1e-6):
+    """``d/dε fun(x + ε v)`` at 0 by a central difference (for many-parameter models)."""
+    shift = lambda s: jax.tree_util.tree_map(lambda a, v: a + s * v, x, direction)  # noqa: E731
+    return (fun(shift(eps)) - fun(shift(-eps))) / (2 * eps)
+
+
+def relative_error(a, b):
+    a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(a)])
+    b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(b)])
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+class TimeMLP(eqx.Module):
+    """A small Equinox MLP field ``f(z, t) = MLP([z, t])`` that holds its weights."""
+
+    mlp: eqx.nn.MLP
+
+    def __init__(self, dim, key):
+        self.mlp = eqx.nn.MLP(dim + 1, dim, 8, 2, activation=jnp.tanh, key=key)
+
+    def __call__(self, z, t, params=None):
+        return self.mlp(jnp.concatenate([z, jnp.reshape(t, (1,)).astype(z.dtype)]))
+
+
+def random_like(tree, key):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    draws = [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    return treedef.unflatten(draws)
