@@ -35,7 +35,7 @@ from jax import Array
 from jax.flatten_util import ravel_pytree
 
 from . import errors
-from .loop import LoopState, integrate
+from .loop import LoopState, integrate, make_loop
 from .tableaus import ButcherTableau
 
 # field(y, t, diff_args, nondiff_args) -> dy/dt on flat states
@@ -69,6 +69,7 @@ class Config(NamedTuple):
     max_steps: int
     seminorm: bool = False
     throw: bool = True
+    batched: bool = False  # y0 is (B, n): B problems, each with its own steps, shared args
 
 
 def info_of(state: LoopState, extra_nfe: int = 0) -> Info:
@@ -136,6 +137,86 @@ def backward(field: FlatField, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0, cf
     return ct_y0, ct_ts, ct_diff, info_of(state)
 
 
+def forward_batched(field, y0s, ts, diff, nondiff, rtol, atol, dt0, cfg: Config, **options):
+    """``forward`` for ``y0s`` of shape ``(B, n)``: each problem with its own step sizes."""
+    one = lambda y0: forward(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg, **options)  # noqa: E731
+    return jax.vmap(one)(y0s)
+
+
+def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg: Config):
+    """``backward`` for a batch sharing its parameters: ``ys``, ``ct_ys`` of shape ``(B, T, n)``.
+
+    Each problem solves ``[z, a, a_t]`` backwards with its own step sizes (as under
+    ``jax.vmap``), and the parameter adjoint of the whole batch,
+    ``Σ_b ∫ a_b·∂f/∂θ(z_b, t) dt``, is accumulated in one shared vector: every accepted step
+    adds ``-h Σ_i b_i a_i·∂f/∂θ(z_i, t_i)`` over its stages — exactly the Runge–Kutta update of
+    the ``a_θ`` component — by one ``jax.vjp`` over the stages of all problems. Nothing of
+    size ``B × len(θ)`` is ever formed, which is what makes ``jax.vmap`` of the plain adjoint
+    expensive. The parameter adjoint is therefore left out of the error control (the
+    seminorm); ``z`` and ``a`` are controlled per problem. ``dt0s``: ``(B,)`` first steps.
+    """
+    batch, num_out, n = ys.shape
+    dt0s = None if dt0s is None else jnp.broadcast_to(dt0s, (batch,))
+    theta, unravel = ravel_pytree(diff)
+    dtype = ys.dtype
+    ct_ys = ct_ys.astype(dtype)
+    tableau = cfg.tableau
+
+    def augmented(y, t):
+        fz, vjp = jax.vjp(lambda z, t: field(z, t, diff, nondiff), y[:n], t)
+        gz, gt = vjp(y[n : 2 * n])
+        return jnp.concatenate([fz, -gz, -gt[None].astype(dtype)])
+
+    def loop_for(ys_b, ct_b, dt0_b):
+        ys_rev, ct_rev = ys_b[::-1], ct_b[::-1]
+        jump = lambda i, y: y.at[:n].set(ys_rev[i]).at[n : 2 * n].add(ct_rev[i])  # noqa: E731
+        y_init = jnp.concatenate([ys_b[-1], ct_b[-1], jnp.zeros(1, dtype)])
+        return make_loop(
+            augmented, y_init, ts[::-1], rtol, atol, dt0_b, tableau=tableau, max_steps=cfg.max_steps,
+            jump=jump, save_outputs=False, segments=((0, n), (n, 2 * n)),
+        )
+
+    used = [i for i, b in enumerate(tableau.b) if b != 0]
+    weights = jnp.asarray([tableau.b[i] for i in used], dtype)
+
+    def parameter_increment(record):
+        """``-Σ_b h_b Σ_i b_i a_bi·∂f/∂θ(z_bi, t_bi)`` for the batch's last step attempts."""
+        if theta.shape[0] == 0:
+            return jnp.zeros(0, dtype)
+        z, a = record.inputs[:, used, :n], record.inputs[:, used, n : 2 * n]
+        times = record.times[:, used]
+        f_all = lambda th: jax.vmap(jax.vmap(lambda z, t: field(z, t, unravel(th), nondiff)))(z, times)  # noqa: E731
+        _, vjp = jax.vjp(f_all, theta)
+        cotangent = -(record.h[:, None] * weights[None, :])[..., None] * a
+        return vjp(cotangent.astype(dtype))[0]
+
+    def step_one(state, ys_b, ct_b, dt0_b):
+        _, step, running = loop_for(ys_b, ct_b, dt0_b)
+        active = running(state)
+        new, record = step(state)
+        new = jax.tree_util.tree_map(lambda x, y: jnp.where(active, x, y), new, state)
+        return new, record._replace(h=jnp.where(active, record.h, 0))
+
+    def running_all(carry):
+        states, _ = carry
+        return jnp.any(jax.vmap(lambda s, *a: loop_for(*a)[2](s))(states, ys, ct_ys, dt0s))
+
+    def body(carry):
+        states, acc = carry
+        states, record = jax.vmap(step_one)(states, ys, ct_ys, dt0s)
+        return states, acc + parameter_increment(record)
+
+    init = jax.vmap(lambda *a: loop_for(*a)[0]())(ys, ct_ys, dt0s)
+    states, ct_theta = jax.lax.while_loop(running_all, body, (init, jnp.zeros_like(theta)))
+    y = states.y
+    f_out = jax.vmap(jax.vmap(lambda yi, ti: field(yi, ti.astype(dtype), diff, nondiff)), (0, None))
+    ct_t = jnp.sum(ct_ys[:, 1:] * f_out(ys[:, 1:], ts[1:]), axis=2)
+    ct_t0 = y[:, -1] - jnp.sum(ct_t, axis=1)
+    ct_ts = jnp.concatenate([jnp.sum(ct_t0)[None], jnp.sum(ct_t, axis=0)]).astype(ts.dtype)
+    info = jax.vmap(info_of)(states)
+    return y[:, n : 2 * n], ct_ts, unravel(ct_theta), info
+
+
 def _zero_cotangent(x):
     if x is None:
         return None
@@ -147,12 +228,14 @@ def _zero_cotangent(x):
 def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol, cfg: Config):
     """``(ys, info)`` whose reverse-mode derivative is given by the backward adjoint solve."""
 
+    fwd_solve, bwd_solve = (forward_batched, backward_batched) if cfg.batched else (forward, backward)
+
     @jax.custom_vjp
     def _solve(y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol):
-        return forward(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg)
+        return fwd_solve(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg)
 
     def _fwd(y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol):
-        ys, info, last_step = forward(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg, last_step=True)
+        ys, info, last_step = fwd_solve(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg, last_step=True)
         if cfg.tableau.adaptive:  # the backward solve starts with the forward's last step size
             dt0 = last_step
         return (ys, info), (ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
@@ -160,12 +243,13 @@ def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol
     def _bwd(residuals, cotangents):
         ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol = residuals
         ct_ys, _ = cotangents
-        ct_y0, ct_ts, ct_diff, info = backward(
+        ct_y0, ct_ts, ct_diff, info = bwd_solve(
             field, ys, ts, diff, nondiff, ct_ys, adjoint_rtol, adjoint_atol, dt0, cfg
         )
-        failed = info.status != errors.SUCCESS
+        failed = jnp.any(info.status != errors.SUCCESS)
         if cfg.throw:  # attached to every cotangent: any one that is used carries the check
-            ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), info.status)
+            status = jnp.max(info.status)
+            ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), status)
         else:
             nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x)  # noqa: E731
             ct_y0, ct_ts, ct_diff = jax.tree_util.tree_map(nan_if_failed, (ct_y0, ct_ts, ct_diff))

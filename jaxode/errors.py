@@ -69,6 +69,17 @@ def check_z0(z0) -> None:
             )
 
 
+def check_batch(z0) -> None:
+    """With ``batched=True`` every leaf of ``z0`` has the same leading (batch) axis."""
+    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree_util.tree_leaves(z0)}
+    if None in sizes:
+        raise ValueError("with batched=True every leaf of z0 needs a leading batch axis; got a scalar")
+    if len(sizes) != 1:
+        raise ValueError(
+            f"with batched=True every leaf of z0 must have the same leading batch axis, got {sorted(sizes)}"
+        )
+
+
 def check_output(f, z0, t, params) -> None:
     """Checks at trace time that ``f(z0, t, params)`` matches ``z0``'s structure, shapes, dtypes."""
     out = eqx.filter_eval_shape(f, z0, t, params)

@@ -38,6 +38,14 @@ from .step import error_ratio, initial_step, rk_step, step_factor
 from .tableaus import ButcherTableau
 
 
+class StepRecord(NamedTuple):
+    """What one step attempt evaluated, for quadratures along the solution (real time)."""
+
+    inputs: Array  # (s, n): the states at which the stages were evaluated
+    times: Array  # (s,): their times
+    h: Array  # the step, signed in real time; 0 if the attempt was rejected
+
+
 class LoopState(NamedTuple):
     """The loop's carry (time in the forward-running variable ``s``)."""
 
@@ -55,7 +63,23 @@ class LoopState(NamedTuple):
     nonfinite: Array  # whether the last rejection was for a non-finite value
 
 
-def integrate(
+def integrate(field, y0, ts, rtol, atol, dt0, *, tableau, max_steps, differentiable=False, **options):
+    """Solves ``y' = field(y, t)``, ``y(ts[0]) = y0`` and returns the final ``LoopState``.
+
+    The arguments are those of ``make_loop``; ``differentiable`` picks the reverse-differentiable
+    driver (``backprop.checkpointed_while``) over ``lax.while_loop``.
+    """
+    init, step, running = make_loop(
+        field, y0, ts, rtol, atol, dt0, tableau=tableau, max_steps=max_steps,
+        differentiable=differentiable, **options,
+    )
+    body = lambda state: step(state)[0]  # noqa: E731
+    if differentiable:
+        return checkpointed_while(running, body, init(), max_steps)
+    return lax.while_loop(running, body, init())
+
+
+def make_loop(
     field: Callable[[Array, Array], Array],
     y0: Array,
     ts: Array,
@@ -69,8 +93,13 @@ def integrate(
     save_outputs: bool = True,
     segments: tuple | None = None,
     differentiable: bool = False,
-) -> LoopState:
-    """Solves ``y' = field(y, t)``, ``y(ts[0]) = y0`` and returns the final ``LoopState``.
+) -> tuple[LoopState, Callable, Callable]:
+    """The loop for ``y' = field(y, t)``, ``y(ts[0]) = y0``: ``(init, step, running)``.
+
+    ``init()`` builds the first state (evaluating ``field`` once or twice);
+    ``step(state) -> (state, StepRecord)`` makes one step attempt; ``running(state)`` says
+    whether the loop goes on. ``integrate`` drives them; the adjoint's batched backward solve
+    drives them itself.
 
     Args:
         field: the vector field on flat states, ``(n,), scalar -> (n,)``.
@@ -86,7 +115,8 @@ def integrate(
         save_outputs: whether to keep the ``(T, n)`` outputs in ``LoopState.ys``.
         segments: ``[(start, stop), ...]`` parts of ``y`` whose RMS errors are combined by
             max (default: all of ``y``).
-        differentiable: use the reverse-differentiable driver and masked output writes.
+        differentiable: write outputs by masking and hold step sizes constant under
+            differentiation (for the reverse-differentiable driver).
     """
     n = y0.shape[0]
     segments = ((0, n),) if segments is None else segments
@@ -99,26 +129,28 @@ def integrate(
     def g(y, s):
         return direction * field(y, direction * s)
 
-    f0 = g(y0, s_ts[0])
-    span = s_ts[-1] - s_ts[0]
-    if dt0 is None:
-        h0 = initial_step(g, s_ts[0], y0, f0, span, tableau.order, rtol, atol, segments)
-        nfe0 = 2
-    else:
-        h0 = jnp.asarray(dt0, dtype)
-        nfe0 = 1
-    if differentiable:
-        h0 = lax.stop_gradient(h0)
-    ys = jnp.full((num_out, n), jnp.nan, dtype).at[0].set(y0) if save_outputs else None
     int_ = jnp.int32
-    init = LoopState(
-        t=s_ts[0], y=y0, f=f0, h=jnp.asarray(h0, dtype), ratio_prev=jnp.ones((), dtype),
-        ys=ys, i_out=jnp.ones((), int_), num_accepted=jnp.zeros((), int_),
-        num_rejected=jnp.zeros((), int_), nfe=jnp.asarray(nfe0, int_),
-        status=jnp.asarray(errors.SUCCESS, int_), nonfinite=jnp.zeros((), bool),
-    )
 
-    def body(state: LoopState) -> LoopState:
+    def init() -> LoopState:
+        f0 = g(y0, s_ts[0])
+        span = s_ts[-1] - s_ts[0]
+        if dt0 is None:
+            h0 = initial_step(g, s_ts[0], y0, f0, span, tableau.order, rtol, atol, segments)
+            nfe0 = 2
+        else:
+            h0 = jnp.asarray(dt0, dtype)
+            nfe0 = 1
+        if differentiable:
+            h0 = lax.stop_gradient(h0)
+        ys = jnp.full((num_out, n), jnp.nan, dtype).at[0].set(y0) if save_outputs else None
+        return LoopState(
+            t=s_ts[0], y=y0, f=f0, h=jnp.asarray(h0, dtype), ratio_prev=jnp.ones((), dtype),
+            ys=ys, i_out=jnp.ones((), int_), num_accepted=jnp.zeros((), int_),
+            num_rejected=jnp.zeros((), int_), nfe=jnp.asarray(nfe0, int_),
+            status=jnp.asarray(errors.SUCCESS, int_), nonfinite=jnp.zeros((), bool),
+        )
+
+    def step_fn(state: LoopState) -> tuple[LoopState, StepRecord]:
         t, y, h = state.t, state.y, state.h
         target = s_ts[state.i_out] if stop_at_outputs else s_ts[-1]
         eps = jnp.finfo(dtype).eps
@@ -194,7 +226,12 @@ def integrate(
         status = jnp.where(
             unfinished & (num_accepted + num_rejected >= max_steps), errors.MAX_STEPS_REACHED, status
         ).astype(int_)
-        return LoopState(
+        record = StepRecord(
+            inputs=jnp.stack(step.inputs),
+            times=direction * (t + h_used * jnp.asarray(tableau.c, dtype)),
+            h=jnp.where(accept, direction * h_used, 0),
+        )
+        new_state = LoopState(
             t=jnp.where(accept, t_new, t),
             y=jnp.where(accept, y_new, y),
             f=jnp.where(accept, f_new, state.f),
@@ -208,13 +245,12 @@ def integrate(
             status=status,
             nonfinite=nonfinite,
         )
+        return new_state, record
 
     def running(state: LoopState) -> Array:
         return (state.i_out < num_out) & (state.status == errors.SUCCESS)
 
-    if differentiable:
-        return checkpointed_while(running, body, init, max_steps)
-    return lax.while_loop(running, body, init)
+    return init, step_fn, running
 
 
 def _write_while(ys, i_out, s_ts, accept, t, h, t_new, y, y_new, coeffs):

@@ -32,9 +32,12 @@ class _Problem(NamedTuple):
     dt0: Array | None
 
 
-def _prepare(f, z0, ts, params, rtol, atol, dt0, tableau: ButcherTableau) -> _Problem:
+def _prepare(f, z0, ts, params, rtol, atol, dt0, tableau: ButcherTableau, batched=False) -> _Problem:
     ts = errors.check_ts(ts)
     errors.check_z0(z0)
+    if batched:
+        errors.check_batch(z0)
+        z0s, z0 = z0, jax.tree_util.tree_map(lambda x: x[0], z0)
     errors.check_output(f, z0, ts[0], params)
     if not errors.is_concrete(ts):
         ts = errors.runtime_check_ts(ts)
@@ -52,6 +55,8 @@ def _prepare(f, z0, ts, params, rtol, atol, dt0, tableau: ButcherTableau) -> _Pr
         p_dyn, hoisted = eqx.combine(diff, nondiff)
         return converted(y, t, p_dyn, *hoisted)
 
+    if batched:
+        y0 = jax.vmap(lambda z: ravel_pytree(z)[0])(z0s)
     as_array = lambda x: None if x is None else jnp.asarray(x, dtype)  # noqa: E731
     return _Problem(field, y0, ts, diff, nondiff, unravel, as_array(rtol), as_array(atol), as_array(dt0))
 
@@ -71,6 +76,7 @@ def odesolve(
     adjoint_rtol: float | Array | None = None,
     adjoint_atol: float | Array | None = None,
     adjoint_seminorm: bool = False,
+    batched: bool = False,
     throw: bool = True,
     full_output: bool = False,
 ):
@@ -102,6 +108,16 @@ def odesolve(
         adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: the forward ones).
         adjoint_seminorm: leave the parameter and time adjoints out of the backward error
             control (Kidger et al. 2021); usually fewer backward steps (default ``False``).
+        batched: ``z0``'s leaves carry a leading batch axis of ``B`` independent initial
+            conditions; each is solved with its own step sizes, exactly as
+            ``jax.vmap(odesolve, (None, 0, None, None))`` would, and ``ys`` gets the batch axis
+            first, ``(B, T, ...)``. The difference is in the adjoint gradient: the parameters are
+            shared, so their adjoints are summed over the batch inside one backward solve
+            (they are then left out of the backward error control, as with
+            ``adjoint_seminorm``), rather than carried per problem as ``jax.vmap`` of the
+            adjoint must do — per-sample parameter adjoints cost ``B × len(params)`` memory and
+            traffic at every stage. Use it for a loss summed over a batch that wants
+            per-sample step sizes. ``f`` still sees one problem's ``z``. Default ``False``.
         throw: on failure (more than ``max_steps`` steps, step size underflow, a non-finite
             state) raise an error naming the cause, also under ``jax.jit`` (default ``True``);
             with ``False`` the outputs not reached are NaN and ``info.status`` is nonzero.
@@ -116,8 +132,8 @@ def odesolve(
     for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
         if v is not None and errors.is_concrete(v) and np.any(np.asarray(v) < 0):
             raise ValueError(f"{name} must be >= 0, got {v}")
-    pb = _prepare(f, z0, ts, params, rtol, atol, dt0, tableau)
-    cfg = Config(tableau, max_steps, adjoint_seminorm, throw)
+    pb = _prepare(f, z0, ts, params, rtol, atol, dt0, tableau, batched)
+    cfg = Config(tableau, max_steps, adjoint_seminorm, throw, batched)
     if gradient == "adjoint":
         a_rtol = pb.rtol if adjoint_rtol is None else jnp.asarray(adjoint_rtol, pb.y0.dtype)
         a_atol = pb.atol if adjoint_atol is None else jnp.asarray(adjoint_atol, pb.y0.dtype)
@@ -125,13 +141,14 @@ def odesolve(
             pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, a_rtol, a_atol, cfg
         )
     else:
-        ys, info = adjoint.forward(
+        solve = adjoint.forward_batched if batched else adjoint.forward
+        ys, info = solve(
             pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg,
             differentiable=True,
         )
     if throw:
-        ys = errors.raise_on_failure(ys, info.status)
-    ys = jax.vmap(pb.unravel)(ys)
+        ys = errors.raise_on_failure(ys, jnp.max(info.status))
+    ys = jax.vmap(jax.vmap(pb.unravel))(ys) if batched else jax.vmap(pb.unravel)(ys)
     return (ys, info) if full_output else ys
 
 

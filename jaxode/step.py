@@ -31,6 +31,7 @@ class Step(NamedTuple):
         error: the local error estimate ``h Σ e_i k_i`` (``None`` for fixed-step methods).
         error3: DOP853's second (3rd-order) estimate, else ``None``.
         stages: the stage derivatives ``k_i``, a list of ``s`` arrays of shape ``(n,)``.
+        inputs: the states ``y + h Σ_j a_ij k_j`` at which the stages were evaluated.
     """
 
     y_new: Array
@@ -38,6 +39,7 @@ class Step(NamedTuple):
     error: Array | None
     error3: Array | None
     stages: list
+    inputs: list
 
 
 def weighted_sum(weights, vectors):
@@ -50,13 +52,14 @@ def weighted_sum(weights, vectors):
 
 def rk_step(tableau: ButcherTableau, field: Field, t, y, h, f0) -> Step:
     """One step of ``tableau`` from ``(t, y)`` with step ``h``, reusing ``f0 = f(y, t)``."""
-    ks = [f0]
+    ks, inputs = [f0], [y]
     for c_i, a_i in zip(tableau.c[1:], tableau.a):
-        ks.append(field(y + h * weighted_sum(a_i, ks), t + c_i * h))
+        inputs.append(y + h * weighted_sum(a_i, ks))
+        ks.append(field(inputs[-1], t + c_i * h))
     y_new = y + h * weighted_sum(tableau.b, ks)
     error = None if tableau.b_error is None else h * weighted_sum(tableau.b_error, ks)
     error3 = None if tableau.b_error3 is None else h * weighted_sum(tableau.b_error3, ks)
-    return Step(y_new, ks[-1] if tableau.fsal else None, error, error3, ks)
+    return Step(y_new, ks[-1] if tableau.fsal else None, error, error3, ks, inputs)
 
 
 def rms_norm(x, segments) -> Array:
