@@ -19,7 +19,8 @@ STATUS_MESSAGES = (
     "time; raise max_steps, loosen rtol/atol, or check the vector field for stiffness",
     "jaxode: the step size underflowed (the step became too small for the time's precision); "
     "the problem may be stiff or singular, or rtol/atol too tight for the dtype",
-    "jaxode: the solution became non-finite (NaN or inf) and shrinking the step did not help",
+    "jaxode: the solution became non-finite (NaN or inf): an adaptive solver's shrinking steps did "
+    "not avoid it; with a fixed-step solver, try a smaller dt0",
 )
 
 GRADIENT_MODES = ("adjoint", "backprop")

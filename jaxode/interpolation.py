@@ -4,8 +4,9 @@ Inside a step from ``t`` to ``t + h`` every method's interpolant has the form
 
     y(t + θh) = y + Σ_{j=1}^{d} θ^j C_j,        θ ∈ [0, 1],
 
-with ``C`` of shape ``(d, n)`` computed once per step; evaluating an output then costs ``d``
-fused multiply-adds per element. ``C_j = h Σ_i D_ij k_i`` for a tableau with its own dense
+(or DOP853's nested form ``y + θ(C_1 + (1-θ)(C_2 + θ(C_3 + ...)))``) with ``C`` of shape
+``(d, n)`` computed once per step; evaluating an output then costs ``d`` fused multiply-adds
+per element. ``C_j = h Σ_i D_ij k_i`` for a tableau with its own dense
 output matrix ``D`` (dopri5, tsit5: 4th order; dopri8: 7th order, with 3 extra stages);
 otherwise the cubic Hermite interpolant through ``y, y_new`` with slopes ``f(y), f(y_new)``
 (3rd order).
@@ -36,9 +37,11 @@ def dense_coefficients(tableau: ButcherTableau, field: Field, t, y, h, stages, y
     return jnp.stack([h * weighted_sum([row[j] for row in tableau.dense], ks) for j in range(degree)])
 
 
-def evaluate(y, coefficients, theta) -> Array:
-    """``y + Σ_j θ^j C_j`` by Horner's rule; ``theta`` is a scalar."""
+def evaluate(y, coefficients, theta, nested: bool = False) -> Array:
+    """``y + Σ_j θ^j C_j`` by Horner's rule (``nested``: with alternating factors ``1-θ``,
+    ``θ``, as in Hairer's ``contd8``); ``theta`` is a scalar."""
     acc = coefficients[-1]
-    for c in coefficients[-2::-1]:
-        acc = c + theta * acc
+    for j in range(len(coefficients) - 2, -1, -1):
+        factor = 1 - theta if nested and j % 2 == 0 else theta
+        acc = coefficients[j] + factor * acc
     return y + theta * acc

@@ -34,7 +34,7 @@ from jax import Array, lax
 from . import errors
 from .backprop import checkpointed_while
 from .interpolation import dense_coefficients, evaluate
-from .step import error_ratio, initial_step, rk_step, step_factor
+from .step import error_ratio, initial_step, rk_step, stage_times, step_factor
 from .tableaus import ButcherTableau
 
 
@@ -156,16 +156,17 @@ def make_loop(
         eps = jnp.finfo(dtype).eps
         landed = t + h >= target - 64 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
         h_used = jnp.where(landed, target - t, h)
-        step = rk_step(tableau, g, t, y, h_used, state.f)
+        t_new = jnp.where(landed, target, t + h_used)
+        step = rk_step(tableau, g, t, y, h_used, state.f, t_new)
         finite = jnp.all(jnp.isfinite(step.y_new))
         if tableau.adaptive:
             ratio = error_ratio(step, y, rtol, atol, segments)
             finite = finite & jnp.isfinite(ratio)
+            ratio = jnp.where(finite, ratio, jnp.inf)
             accept = finite & (ratio <= 1)
         else:
             ratio = jnp.zeros((), dtype)
             accept = finite
-        t_new = jnp.where(landed, target, t + h_used)
         nfe = state.nfe + tableau.num_stages - 1
         if tableau.fsal:
             f_new = step.f_new
@@ -198,7 +199,8 @@ def make_loop(
             else:
                 coeffs = coefficients()
             write = _write_masked if differentiable else _write_while
-            ys, i_out = write(ys, i_out, s_ts, accept, t, h_used, t_new, y, y_new, coeffs)
+            nested = tableau.dense_nested
+            ys, i_out = write(ys, i_out, s_ts, accept, t, h_used, t_new, y, y_new, coeffs, nested)
 
         if tableau.adaptive:
             factor = step_factor(ratio, state.ratio_prev, accept, tableau.error_order)
@@ -213,7 +215,9 @@ def make_loop(
 
         num_accepted = state.num_accepted + accept.astype(int_)
         num_rejected = state.num_rejected + (~accept).astype(int_)
-        underflow = ~accept & (h_next <= 16 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target)))
+        # a step too small to move t (rejected, or accepted with t frozen) ends the solve
+        tiny = h_next <= 16 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
+        underflow = tiny & (i_out < num_out)
         nonfinite = jnp.where(accept, False, ~finite)
         status = state.status
         if tableau.adaptive:
@@ -228,7 +232,7 @@ def make_loop(
         ).astype(int_)
         record = StepRecord(
             inputs=jnp.stack(step.inputs),
-            times=direction * (t + h_used * jnp.asarray(tableau.c, dtype)),
+            times=direction * jnp.stack(stage_times(tableau, t, h_used, t_new)),
             h=jnp.where(accept, direction * h_used, 0),
         )
         new_state = LoopState(
@@ -253,7 +257,7 @@ def make_loop(
     return init, step_fn, running
 
 
-def _write_while(ys, i_out, s_ts, accept, t, h, t_new, y, y_new, coeffs):
+def _write_while(ys, i_out, s_ts, accept, t, h, t_new, y, y_new, coeffs, nested):
     """Writes the outputs in ``(t, t_new]`` one by one (cost: the outputs in this step)."""
     num_out = s_ts.shape[0]
 
@@ -263,17 +267,17 @@ def _write_while(ys, i_out, s_ts, accept, t, h, t_new, y, y_new, coeffs):
 
     def write(carry):
         i, ys = carry
-        value = jnp.where(s_ts[i] == t_new, y_new, evaluate(y, coeffs, (s_ts[i] - t) / h))
+        value = jnp.where(s_ts[i] == t_new, y_new, evaluate(y, coeffs, (s_ts[i] - t) / h, nested))
         return i + 1, ys.at[i].set(value)
 
     i_out, ys = lax.while_loop(more, write, (i_out, ys))
     return ys, i_out
 
 
-def _write_masked(ys, i_out, s_ts, accept, t, h, t_new, y, y_new, coeffs):
+def _write_masked(ys, i_out, s_ts, accept, t, h, t_new, y, y_new, coeffs, nested):
     """Writes the outputs in ``(t, t_new]`` by masking all of them (reverse-differentiable)."""
     inside = accept & (s_ts > t) & (s_ts <= t_new)
     theta = jnp.clip((s_ts - t) / h, 0, 1)
-    values = jax.vmap(lambda th: evaluate(y, coeffs, th))(theta)
+    values = jax.vmap(lambda th: evaluate(y, coeffs, th, nested))(theta)
     values = jnp.where((s_ts == t_new)[:, None], y_new, values)
     return jnp.where(inside[:, None], values, ys), i_out + jnp.sum(inside).astype(i_out.dtype)

@@ -50,12 +50,22 @@ def weighted_sum(weights, vectors):
     return sum(terms[1:], terms[0])
 
 
-def rk_step(tableau: ButcherTableau, field: Field, t, y, h, f0) -> Step:
-    """One step of ``tableau`` from ``(t, y)`` with step ``h``, reusing ``f0 = f(y, t)``."""
+def stage_times(tableau: ButcherTableau, t, h, t_new) -> list:
+    """``t + c_i h``, never past ``t_new`` (the end of the step, which ``t + h`` may miss by
+    rounding) and exactly ``t_new`` where ``c_i = 1``."""
+    return [t_new if c == 1 else jnp.minimum(t + c * h, t_new) for c in tableau.c]
+
+
+def rk_step(tableau: ButcherTableau, field: Field, t, y, h, f0, t_new=None) -> Step:
+    """One step of ``tableau`` from ``(t, y)`` with step ``h``, reusing ``f0 = f(y, t)``.
+
+    ``t_new``: the time the step ends at (default ``t + h``); stages never go past it.
+    """
+    times = stage_times(tableau, t, h, t + h if t_new is None else t_new)
     ks, inputs = [f0], [y]
-    for c_i, a_i in zip(tableau.c[1:], tableau.a):
+    for a_i, t_i in zip(tableau.a, times[1:]):
         inputs.append(y + h * weighted_sum(a_i, ks))
-        ks.append(field(inputs[-1], t + c_i * h))
+        ks.append(field(inputs[-1], t_i))
     y_new = y + h * weighted_sum(tableau.b, ks)
     error = None if tableau.b_error is None else h * weighted_sum(tableau.b_error, ks)
     error3 = None if tableau.b_error3 is None else h * weighted_sum(tableau.b_error3, ks)
@@ -85,7 +95,8 @@ def error_ratio(step: Step, y, rtol, atol, segments) -> Array:
         for (a, b), e5 in zip(segments, per_part):
             e3 = jnp.sqrt(jnp.mean((step.error3[a:b] / scale[a:b]) ** 2))
             denom = jnp.sqrt(e5**2 + 0.01 * e3**2)
-            combined.append(jnp.where(denom > 0, e5**2 / jnp.where(denom > 0, denom, 1), 0))
+            zero_or_nan = jnp.where(jnp.isnan(denom), jnp.nan, 0.0)
+            combined.append(jnp.where(denom > 0, e5**2 / jnp.where(denom > 0, denom, 1), zero_or_nan))
         per_part = combined
     ratio = jnp.max(jnp.stack(per_part))
     return jnp.where(jnp.isnan(ratio), jnp.inf, ratio)

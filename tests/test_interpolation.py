@@ -31,7 +31,7 @@ def _interpolant(name):
     def run(y0, h, theta):
         st = rk_step(tab, field, 0.3, y0, h, field(y0, 0.3))
         coeffs = dense_coefficients(tab, field, 0.3, y0, h, st.stages, st.y_new, st.f_new)
-        return evaluate(y0, coeffs, theta), st.y_new
+        return evaluate(y0, coeffs, theta, tab.dense_nested), st.y_new
 
     return run
 

@@ -118,9 +118,6 @@ def test_never_evaluates_beyond_last_time_and_lands_on_it(name, recorder: Record
         assert t1 in times  # the last step lands exactly on ts[-1] (f at the final point)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: stage times t + c_i*h of the step that lands on ts[-1] are "
-                   "computed as t + c_i*(ts[-1] - t), which rounds past ts[-1] (here by ~1e-17): f is "
-                   "evaluated beyond the end time and never exactly at it")
 @pytest.mark.parametrize("name", ["tsit5", "dopri8"])
 def test_never_evaluates_beyond_last_time_rounding(name, recorder: Recorder):
     def f(z, t, p):
@@ -133,9 +130,6 @@ def test_never_evaluates_beyond_last_time_rounding(name, recorder: Recorder):
     assert 0.01 in times
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a vector field undefined (NaN) beyond ts[-1] costs spurious "
-                   "rejections (dopri5/tsit5/bosh3) or fails outright (dopri8: max_steps) because the "
-                   "landing step's stages are evaluated just past ts[-1]")
 def test_field_undefined_beyond_end_time_costs_nothing():
     t_end = 0.01
     for name in ("tsit5", "dopri8"):
@@ -192,9 +186,7 @@ def test_max_steps_counts_all_steps_of_the_solve(name):
         "bosh3",
         "dopri5",
         "tsit5",
-        pytest.param("dopri8", marks=pytest.mark.xfail(strict=True, reason=(
-            "BUG: for dopri8 a NaN in the error estimate gives error ratio 0 (the DOP853 combination "
-            "masks NaN to 0), so the rejected step is retried with the same size until max_steps"))),
+        "dopri8",
     ],
 )
 def test_nan_in_step_rejects_and_shrinks(name, recorder: Recorder):

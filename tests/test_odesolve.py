@@ -168,9 +168,6 @@ def test_float32_end_to_end(name, opts):
     assert err < 2e-5, err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dopri8 dense output in float32 loses ~2 digits (error ~1e-4 at "
-                   "rtol=atol=1e-6, vs 1.5e-6 in float64): the 7th-order interpolant is evaluated in the "
-                   "monomial basis whose coefficients reach ~550, so float32 round-off is amplified")
 def test_float32_dopri8_dense_output():
     ys, info, err = _float32_oscillator("dopri8", 50)
     assert ys.dtype == jnp.float32 and int(info.status) == 0

@@ -96,9 +96,6 @@ def test_error_ratio_dop853_combination():
                                rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: DOP853's combined error ratio masks a NaN estimate to 0 "
-                   "(jnp.where(denom > 0, ..., 0) is False for NaN) instead of inf, so the controller does "
-                   "not shrink a step whose stages hit NaN")
 def test_error_ratio_dop853_nan_is_inf():
     tab = SOLVERS["dopri8"]
     y = jnp.array([1.0, 2.0])

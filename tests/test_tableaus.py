@@ -138,9 +138,15 @@ DENSE_ORDERS = {"dopri5": 4, "tsit5": 4, "dopri8": 7}
 
 
 def _dense_weights(tab: ButcherTableau, theta: float) -> np.ndarray:
+    """b_i(θ) = Σ_j D_ij φ_j(θ): φ_j = θ^(j+1), or for the nested form (Hairer's contd8)
+    φ_0 = θ, φ_1 = θ(1-θ), φ_2 = θ²(1-θ), φ_3 = θ²(1-θ)², ..."""
     D = np.array(tab.dense)
-    powers = theta ** np.arange(1, D.shape[1] + 1)
-    return D @ powers
+    if tab.dense_nested:
+        factors = [theta] + [(1 - theta) if j % 2 == 0 else theta for j in range(D.shape[1] - 1)]
+        basis = np.cumprod(factors)
+    else:
+        basis = theta ** np.arange(1, D.shape[1] + 1)
+    return D @ basis
 
 
 @pytest.mark.parametrize("name", list(DENSE_ORDERS))
