@@ -299,6 +299,11 @@ class NeuralODE(eqx.Module):
         solver, rtol, atol, dt0, max_steps, gradient, adjoint_rtol, adjoint_atol,
             adjoint_seminorm, throw: passed to ``jaxode.odesolve`` (same defaults:
             ``"tsit5"``, 1e-6, 1e-6, ``None``, 4096, ``"adjoint"``, ...).
+        batched: passed to ``odesolve``: ``z0`` carries a leading axis of ``B`` independent
+            initial conditions, each solved with its own steps (as under ``eqx.filter_vmap``,
+            with the parameter adjoints summed inside one backward solve); the field sees one
+            problem's ``z``; the output gets the batch axis first: ``(B, ...)`` for ``z(t1)``,
+            ``(B, T, ...)`` for ``ys``. Default ``False``.
         full_output: if ``True`` ``node(z0)`` returns ``(out, info)`` with
             ``odesolve``'s ``Info`` (``nfe``, ``num_steps``, ...).
 
@@ -321,6 +326,7 @@ class NeuralODE(eqx.Module):
     adjoint_rtol: float | None = eqx.field(static=True)
     adjoint_atol: float | None = eqx.field(static=True)
     adjoint_seminorm: bool = eqx.field(static=True)
+    batched: bool = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
     full_output: bool = eqx.field(static=True)
 
@@ -340,6 +346,7 @@ class NeuralODE(eqx.Module):
         adjoint_rtol: float | None = None,
         adjoint_atol: float | None = None,
         adjoint_seminorm: bool = False,
+        batched: bool = False,
         throw: bool = True,
         full_output: bool = False,
     ):
@@ -367,6 +374,7 @@ class NeuralODE(eqx.Module):
                 raise ValueError(f"NeuralODE: {name} must be >= 0, got {v}")
         self.max_steps, self.gradient = int(max_steps), gradient
         self.adjoint_seminorm, self.throw = bool(adjoint_seminorm), bool(throw)
+        self.batched = bool(batched)
         self.full_output = bool(full_output)
 
     @property
@@ -422,7 +430,12 @@ class NeuralODE(eqx.Module):
             raise TypeError(f"NeuralODE: z0 must hold floating-point arrays, got dtype {dtype}")
         output_all = self.output_all or ts is not None
         times = jnp.asarray(self.ts if ts is None else ts, dtype=dtype)
-        self._check_field(z0, times[0])
+        if self.batched:
+            if any(jnp.ndim(x) < 1 for x in leaves):
+                raise ValueError("NeuralODE(batched=True): z0's leaves need a leading batch axis")
+            self._check_field(jax.tree_util.tree_map(lambda x: x[0], z0), times[0])
+        else:
+            self._check_field(z0, times[0])
         ys, info = odesolve(
             self.field,
             z0,
@@ -437,10 +450,16 @@ class NeuralODE(eqx.Module):
             adjoint_rtol=self.adjoint_rtol,
             adjoint_atol=self.adjoint_atol,
             adjoint_seminorm=self.adjoint_seminorm,
+            batched=self.batched,
             throw=self.throw,
             full_output=True,
         )
-        out = ys if output_all else jax.tree_util.tree_map(lambda y: y[-1], ys)
+        if output_all:
+            out = ys
+        elif self.batched:  # (B, T, ...) -> (B, ...)
+            out = jax.tree_util.tree_map(lambda y: y[:, -1], ys)
+        else:
+            out = jax.tree_util.tree_map(lambda y: y[-1], ys)
         want_info = self.full_output if full_output is None else full_output
         return (out, info) if want_info else out
 

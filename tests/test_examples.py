@@ -1,0 +1,77 @@
+"""Each example runs in its --quick mode, writes its PNG and delivers what it claims.
+
+The examples are scripts (``examples/NAME.py``), imported here by path; each exposes
+``main(argv) -> dict`` with the numbers it prints.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Equinox modules (dataclasses) look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_quick(name, tmp_path):
+    out = tmp_path / "sub" / f"{name}.png"  # a directory that does not exist yet
+    result = load(name).main(["--quick", "--out", str(out)])
+    assert out.is_file() and out.stat().st_size > 1000
+    with open(out, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert result["out"] == str(out)
+    return result
+
+
+def test_pendulum_matches_odeint(tmp_path):
+    r = run_quick("pendulum", tmp_path)
+    assert r["dtype"] == "float64"
+    assert r["max_abs_diff"] < 1e-6
+    assert r["nfe"] > 0
+
+
+def test_spiral_loss_falls_tenfold(tmp_path):
+    r = run_quick("spiral", tmp_path)
+    assert r["final_loss"] * 10 <= r["initial_loss"], r
+
+
+def test_resnet_and_odenet_beat_chance(tmp_path):
+    r = run_quick("resnet_vs_odenet", tmp_path)
+    for model in ("resnet", "odenet"):
+        assert r[model]["test_accuracy"] > 2 * r["chance"], (model, r[model])
+        assert r[model]["params"] > 0
+    assert r["resnet"]["nfe"] == 6  # K blocks
+    assert r["odenet"]["nfe"] > 6  # adaptive tsit5: at least one step of 6 stages + first-step choice
+    # the ODE-Net's field has one block's architecture (plus the time input): fewer parameters
+    assert r["odenet"]["params"] < r["resnet"]["params"]
+
+
+def test_euler_error_is_first_order(tmp_path):
+    r = run_quick("euler_is_a_resnet", tmp_path)
+    assert 0.7 <= r["slope"] <= 1.3, r["slope"]
+    errors = r["errors"]
+    assert all(b < a for a, b in zip(errors, errors[1:]))  # falls with h
+    assert r["resnet_vs_euler"] < 1e-12  # Euler's steps are the residual blocks
+    assert r["final_loss"] < r["initial_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pendulum", "spiral", "resnet_vs_odenet", "euler_is_a_resnet"])
+def test_example_runs_as_a_script_at_default_size(name, tmp_path):
+    out = tmp_path / f"{name}.png"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, f"{name}.py"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.is_file() and out.stat().st_size > 1000
+    assert "wrote" in proc.stdout
