@@ -5,9 +5,22 @@
 through the solver.
 """
 
+from . import nn
 from .adjoint import Info
+from .nn import ConcatSquashField, MLPField, NeuralODE, ODEBlock
 from .odesolve import adjoint_backward_info, odesolve
 from .tableaus import SOLVERS, ButcherTableau
 
-__all__ = ["odesolve", "adjoint_backward_info", "Info", "ButcherTableau", "SOLVERS"]
+__all__ = [
+    "odesolve",
+    "adjoint_backward_info",
+    "Info",
+    "ButcherTableau",
+    "SOLVERS",
+    "nn",
+    "MLPField",
+    "ConcatSquashField",
+    "NeuralODE",
+    "ODEBlock",
+]
 __version__ = "0.1.0"
