@@ -14,7 +14,7 @@ def test_readme_snippets_run_and_hold():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 4
     namespace: dict = {}
-    for i, block in enumerate(blocks):
+    for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
         if "t_data" in block:  # the training snippet fits the oscillator
             assert float(namespace["value"]) < 0.05
