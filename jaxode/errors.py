@@ -117,6 +117,12 @@ def check_options(tableau, rtol, atol, dt0, max_steps, gradient) -> None:
 
 
 def raise_on_failure(x, status):
-    """Raises (also under ``jit``) the message of ``status`` if it is not ``SUCCESS``."""
+    """Raises (also under ``jit``) the message of ``status`` if it is not ``SUCCESS``.
+
+    The check is made on a scalar that is then added (as 0) to every floating leaf of ``x``:
+    any output that is used carries the check, and a sharded output keeps its sharding (a
+    check attached to the whole array would make XLA replicate it onto every device).
+    """
     status = jax.lax.stop_gradient(status)
-    return eqx.branched_error_if(x, status != SUCCESS, status, STATUS_MESSAGES)
+    token = eqx.branched_error_if(jnp.zeros(()), status != SUCCESS, status, STATUS_MESSAGES)
+    return jax.tree_util.tree_map(lambda a: a + token.astype(a.dtype), x)
