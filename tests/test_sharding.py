@@ -128,7 +128,7 @@ def _child() -> dict:  # noqa: C901 - one long script of checks, each recorded i
                                            max_steps=400, **tight)
     compare("joint_backprop", with_grads(solve_j), (zs, As))
 
-    # Known library limitation, kept visible: batched=True with throw=True (the default).
+    # batched=True with throw=True (the default) keeps the outputs sharded too.
     jf = jax.jit(lambda z, a: jaxode.odesolve(field, z, ts, a, batched=True, **tight))
     out = jf(zs, As)
     res["batched_throw_true"] = {"specs": [spec(out)], "gathers": gathers(jf, zs, As)}
@@ -320,8 +320,6 @@ def test_joint_state_solve_sharded(results):
     assert r["gathers"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="library: throw=True attaches equinox's error branch to the "
-                   "whole output, which makes XLA replicate it (see docs/batching.md)")
 def test_batched_with_throw_keeps_sharding(results):
     r = results["batched_throw_true"]
     assert r["specs"][0] == BATCH and r["gathers"] == 0
