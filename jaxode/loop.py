@@ -60,7 +60,6 @@ class LoopState(NamedTuple):
     num_rejected: Array
     nfe: Array  # field evaluations
     status: Array  # errors.SUCCESS, or the failure
-    nonfinite: Array  # whether the last rejection was for a non-finite value
 
 
 def integrate(field, y0, ts, rtol, atol, dt0, *, tableau, max_steps, differentiable=False, **options):
@@ -147,7 +146,7 @@ def make_loop(
             t=s_ts[0], y=y0, f=f0, h=jnp.asarray(h0, dtype), ratio_prev=jnp.ones((), dtype),
             ys=ys, i_out=jnp.ones((), int_), num_accepted=jnp.zeros((), int_),
             num_rejected=jnp.zeros((), int_), nfe=jnp.asarray(nfe0, int_),
-            status=jnp.asarray(errors.SUCCESS, int_), nonfinite=jnp.zeros((), bool),
+            status=jnp.asarray(errors.SUCCESS, int_),
         )
 
     def step_fn(state: LoopState) -> tuple[LoopState, StepRecord]:
@@ -202,14 +201,10 @@ def make_loop(
             nested = tableau.dense_nested
             ys, i_out = write(ys, i_out, s_ts, accept, t, h_used, t_new, y, y_new, coeffs, nested)
 
+        h_next = h
         if tableau.adaptive:
             factor = step_factor(ratio, state.ratio_prev, accept, tableau.error_order)
-            h_next = h_used * factor
-            if stop_at_outputs:  # a step shortened to land keeps the size it had before
-                h_next = jnp.where(accept & landed, jnp.maximum(h_next, h), h_next)
-            h_next = jnp.where(accept | (h_next < h), h_next, h)
-        else:
-            h_next = h
+            h_next = _next_step_size(h, h_used, factor, accept, landed & stop_at_outputs)
         if differentiable:
             h_next = lax.stop_gradient(h_next)
 
@@ -217,19 +212,10 @@ def make_loop(
         num_rejected = state.num_rejected + (~accept).astype(int_)
         # a step too small to move t (rejected, or accepted with t frozen) ends the solve
         tiny = h_next <= 16 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
-        underflow = tiny & (i_out < num_out)
-        nonfinite = jnp.where(accept, False, ~finite)
-        status = state.status
-        if tableau.adaptive:
-            status = jnp.where(
-                underflow, jnp.where(nonfinite, errors.NONFINITE, errors.STEP_SIZE_UNDERFLOW), status
-            )
-        else:
-            status = jnp.where(~finite, errors.NONFINITE, status)
-        unfinished = (i_out < num_out) & (status == errors.SUCCESS)
-        status = jnp.where(
-            unfinished & (num_accepted + num_rejected >= max_steps), errors.MAX_STEPS_REACHED, status
-        ).astype(int_)
+        status = _status(
+            state.status, tableau.adaptive, accept, finite, tiny, i_out < num_out,
+            num_accepted + num_rejected >= max_steps,
+        )
         record = StepRecord(
             inputs=jnp.stack(step.inputs),
             times=direction * jnp.stack(stage_times(tableau, t, h_used, t_new)),
@@ -247,7 +233,6 @@ def make_loop(
             num_rejected=num_rejected,
             nfe=nfe,
             status=status,
-            nonfinite=nonfinite,
         )
         return new_state, record
 
@@ -255,6 +240,25 @@ def make_loop(
         return (state.i_out < num_out) & (state.status == errors.SUCCESS)
 
     return init, step_fn, running
+
+
+def _next_step_size(h, h_used, factor, accept, landed_at_stop):
+    """The controller's next step from the one used; a step shortened to land on an output
+    time it stops at keeps the size it had before; a rejection never grows the step."""
+    h_next = h_used * factor
+    h_next = jnp.where(accept & landed_at_stop, jnp.maximum(h_next, h), h_next)
+    return jnp.where(accept | (h_next < h), h_next, h)
+
+
+def _status(status, adaptive: bool, accept, finite, tiny, unfinished, out_of_steps):
+    """The loop's status after a step attempt (``errors`` codes; the first failure stays)."""
+    if adaptive:  # a non-finite value makes the step shrink until it is tiny
+        failure = jnp.where(~accept & ~finite, errors.NONFINITE, errors.STEP_SIZE_UNDERFLOW)
+        status = jnp.where(tiny & unfinished, failure, status)
+    else:
+        status = jnp.where(~finite, errors.NONFINITE, status)
+    unfinished = unfinished & (status == errors.SUCCESS)
+    return jnp.where(unfinished & out_of_steps, errors.MAX_STEPS_REACHED, status).astype(jnp.int32)
 
 
 def _write_while(ys, i_out, s_ts, accept, t, h, t_new, y, y_new, coeffs, nested):
