@@ -74,7 +74,7 @@ def integrate(field, y0, ts, rtol, atol, dt0, *, tableau, max_steps, differentia
     )
     body = lambda state: step(state)[0]  # noqa: E731
     if differentiable:
-        return checkpointed_while(running, body, init(), max_steps)
+        return checkpointed_while(running, body, init(), max_steps, residual_ratio=tableau.num_stages)
     return lax.while_loop(running, body, init())
 
 
