@@ -1,0 +1,509 @@
+"""Writes RESULTS.md and the PNG plots from the results dictionary of ``run.py``."""
+
+from __future__ import annotations
+
+import math
+import os
+
+TARGETS = (
+    ("T1", "spiral & pendulum forward no slower than jax.experimental.ode.odeint, at equal or "
+           "better accuracy (RMS error of ys)"),
+    ("T2a", "mlp-batch forward overhead (solve time / (NFE x one f evaluation)) <= 1.1"),
+    ("T2b", "mlp-batch forward NFE <= diffrax's with the same tableau"),
+    ("T3a", "mlp-batch adjoint gradient time <= 0.75 x diffrax BacksolveAdjoint, gradient error "
+            "no worse"),
+    ("T3b", "mlp-batch backprop gradient time <= 0.75 x diffrax RecursiveCheckpointAdjoint, "
+            "gradient error no worse"),
+    ("T4", "vmap adjoint gradient (per-sample steps) <= 3 x the batched adjoint gradient"),
+    ("T5", "first call of a jitted gradient (training) step no slower than jax odeint's"),
+    ("T6", "adjoint peak memory at the longest horizon within 1.2 x of t1=1"),
+)
+
+
+# ---------------------------------------------------------------------------------------
+# formatting
+
+
+def ms(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    v = x * 1e3
+    return f"{v:.3g}" if v < 1000 else f"{v:.0f}"
+
+
+def time_cell(row) -> str:
+    if "median_s" not in row:
+        return "n/a"
+    cell = ms(row["median_s"])
+    if row.get("samples", 1) > 1:
+        cell += f" ({ms(row['min_s'])}–{ms(row['max_s'])})"
+    return cell
+
+
+def sec(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def sci(x) -> str:
+    return "n/a" if x is None else f"{x:.2e}"
+
+
+def num(x) -> str:
+    return "n/a" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
+
+
+def ratio(a, b) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def by_label(rows) -> dict:
+    return {r["label"]: r for r in rows or []}
+
+
+def med(row) -> float | None:
+    return None if row is None or "error" in row else row.get("median_s")
+
+
+def failed(result) -> str | None:
+    if result is None:
+        return "not run"
+    return result.get("error")
+
+
+# ---------------------------------------------------------------------------------------
+# targets
+
+
+def evaluate_targets(res: dict) -> list[tuple[str, str, str, str]]:
+    out = []
+    peers = (res.get("peers") or {}).get("forward", {})
+    grads = res.get("gradients") or {}
+    g = by_label(grads.get("rows"))
+    gv = by_label(grads.get("vmap_rows"))
+    over = res.get("overhead") or {}
+    mem = (res.get("adjoint") or {}).get("memory") or []
+    desc = dict(TARGETS)
+
+    def verdict(ok):
+        return "n/a" if ok is None else ("**pass**" if ok else "**miss**")
+
+    # T1
+    parts, oks = [], []
+    for wl in ("spiral", "pendulum"):
+        rows = by_label((peers.get(wl) or {}).get("rows"))
+        ref = rows.get("jax odeint dopri5")
+        if med(ref) is None:
+            parts.append(f"{wl}: jax odeint not measured")
+            continue
+        wl_ok = False
+        for s in ("dopri5", "tsit5"):
+            j = rows.get(f"jaxode {s}")
+            if med(j) is None:
+                continue
+            r = ratio(med(j), med(ref))
+            acc = j["rms_error"] <= ref["rms_error"]
+            wl_ok |= r <= 1.0 and acc
+            parts.append(f"{wl} {s}: {r:.2f}x time, error {j['rms_error']:.1e} vs {ref['rms_error']:.1e}")
+        oks.append(wl_ok)
+    out.append(("T1", desc["T1"], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
+
+    # T2a
+    rows = by_label((over.get("mlp-batch") or {}).get("rows"))
+    parts, oks = [], []
+    for s in ("dopri5", "tsit5"):
+        r = rows.get(f"jaxode {s}")
+        if r:
+            parts.append(f"{s}: {r['overhead_in_loop']:.2f}")
+            oks.append(r["overhead_in_loop"] <= 1.1)
+    d = [f"{s} {rows[f'diffrax {s}']['overhead_in_loop']:.2f}"
+         for s in ("dopri5", "tsit5") if f"diffrax {s}" in rows]
+    if d:
+        parts.append("(diffrax: " + ", ".join(d) + ")")
+    out.append(("T2a", desc["T2a"], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
+
+    # T2b
+    rows = by_label((peers.get("mlp-batch") or {}).get("rows"))
+    parts, oks = [], []
+    for s in ("dopri5", "tsit5"):
+        j, d = rows.get(f"jaxode {s}"), rows.get(f"diffrax {s}")
+        if j and d and "nfe" in j and "nfe" in d:
+            parts.append(f"{s}: {j['nfe']} vs {d['nfe']} (steps {j.get('steps')} vs {d.get('steps')})")
+            oks.append(j["nfe"] <= d["nfe"])
+    out.append(("T2b", desc["T2b"], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
+
+    # T3a / T3b
+    pairs = (("T3a", "adjoint", "BacksolveAdjoint"), ("T3b", "backprop", "RecursiveCheckpointAdjoint"))
+    for key, mine, theirs in pairs:
+        parts, oks = [], []
+        for s in ("dopri5", "tsit5"):
+            j, d = g.get(f"jaxode {s} {mine}"), g.get(f"diffrax {s} {theirs}")
+            if med(j) is None or med(d) is None:
+                continue
+            r = ratio(med(j), med(d))
+            ej, ed = j.get("grad_error"), d.get("grad_error")
+            acc = ej is not None and ed is not None and ej <= ed
+            parts.append(f"{s}: {r:.2f}x ({ms(med(j))} vs {ms(med(d))} ms), error {sci(ej)} vs {sci(ed)}")
+            oks.append(r <= 0.75 and acc)
+        if key == "T3a":
+            for s in ("dopri5", "tsit5"):
+                j, d = g.get(f"jaxode {s} adjoint seminorm"), g.get(f"diffrax {s} BacksolveAdjoint")
+                if med(j) is not None and med(d) is not None:
+                    parts.append(f"(seminorm {s}: {ratio(med(j), med(d)):.2f}x)")
+        out.append((key, desc[key], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
+
+    # T4
+    parts, oks = [], []
+    for s in ("dopri5", "tsit5"):
+        v, b = gv.get(f"jaxode {s} adjoint vmap"), g.get(f"jaxode {s} adjoint")
+        r = ratio(med(v), med(b))
+        if r is not None:
+            parts.append(f"{s}: {r:.1f}x ({ms(med(v))} vs {ms(med(b))} ms)")
+            oks.append(r <= 3.0)
+    dv, db = gv.get("diffrax dopri5 BacksolveAdjoint vmap"), g.get("diffrax dopri5 BacksolveAdjoint")
+    if ratio(med(dv), med(db)) is not None:
+        parts.append(f"(diffrax dopri5: {ratio(med(dv), med(db)):.1f}x)")
+    out.append(("T4", desc["T4"], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
+
+    # T5
+    def mem_row(lib, mode, t1, seminorm=False):
+        for r in mem:
+            key = (r.get("library"), r.get("mode"), r.get("t1"), bool(r.get("seminorm")))
+            if key == (lib, mode, t1, seminorm):
+                return None if "error" in r else r
+        return None
+
+    ref = mem_row("jax odeint", "adjoint", 1.0)
+    parts, oks = [], []
+    if ref:
+        for mode in ("adjoint", "backprop"):
+            j = mem_row("jaxode", mode, 1.0)
+            if j:
+                parts.append(f"{mode}: {j['first_s']:.2f} s vs {ref['first_s']:.2f} s")
+                oks.append(j["first_s"] <= ref["first_s"])
+        for mode in ("backsolve", "recursive"):
+            d = mem_row("diffrax", mode, 1.0)
+            if d:
+                parts.append(f"(diffrax {mode}: {d['first_s']:.2f} s)")
+    out.append(("T5", desc["T5"], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
+
+    # T6
+    horizons = sorted({r.get("t1") for r in mem if r.get("library") == "jaxode"})
+    parts, ok = [], None
+    if horizons:
+        t_max = horizons[-1]
+        a, b = mem_row("jaxode", "adjoint", 1.0), mem_row("jaxode", "adjoint", t_max)
+        if a and b and a.get("call_peak_mib") and b.get("call_peak_mib") is not None:
+            r = b["call_peak_mib"] / a["call_peak_mib"]
+            ok = r <= 1.2
+            parts.append(f"call peak {b['call_peak_mib']:.1f} MiB at t1={t_max:g} vs "
+                         f"{a['call_peak_mib']:.1f} MiB at t1=1: {r:.2f}x")
+            if a.get("process_peak_mib") and b.get("process_peak_mib") is not None:
+                parts.append(f"process peak (compile incl.) {b['process_peak_mib']:.0f} vs "
+                             f"{a['process_peak_mib']:.0f} MiB")
+    out.append(("T6", desc["T6"], "; ".join(parts) or "n/a", verdict(ok)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# sections
+
+
+def section_machine(res: dict) -> str:
+    m, v = res.get("machine", {}), res.get("versions", {})
+    rows = [
+        ["CPU", m.get("cpu", "?")],
+        ["cores (logical)", num(m.get("cores"))],
+        ["RAM", f"{m.get('ram_gib', '?')} GiB"],
+        ["OS", f"{m.get('os', '?')} ({m.get('platform', '?')})"],
+        ["Python", m.get("python", "?")],
+        ["load average (1, 5, 15 min) at start", ", ".join(f"{x:.2f}" for x in m.get("loadavg", []))],
+        ["load average at end", ", ".join(f"{x:.2f}" for x in m.get("loadavg_end", []))],
+    ]
+    vrows = [[k, val] for k, val in v.items()]
+    return ("## Machine\n\n" + table(["", ""], rows) + "\n\n### Versions\n\n"
+            + table(["package", "version"], vrows))
+
+
+def section_adjoint(res: dict, cfg: dict) -> str:
+    adj = res.get("adjoint")
+    if not adj:
+        return ""
+    out = [f"## 1. Adjoint vs backprop (mlp-batch, dopri5, batch {cfg['batch']}, float32)\n"]
+    grid = adj.get("grid") or {}
+    if failed(grid):
+        out.append(f"Grid failed: {failed(grid)}\n")
+    else:
+        out.append("Gradient of `mean(ys**2)` w.r.t. all weights, jitted `value_and_grad`, "
+                   "rtol = atol = tol, `ts = linspace(0, t1, 11)`; one process, tolerances and `ts` "
+                   "traced (no recompiles), so "
+                   "*first call* is the compile + first run of each mode (the first case of its column). "
+                   "Steps/NFE: jaxode's `info` (forward) and `adjoint_backward_info` (backward; for backprop "
+                   "the reverse pass re-runs the forward steps). Gradient error: `|g - g_ref| / |g_ref|` "
+                   "against the float64 reference at that horizon.\n")
+        rows = []
+        for r in grid.get("rows", []):
+            rows.append([
+                f"{r['t1']:g}", f"{r['tol']:g}", r["label"], time_cell(r), sec(r.get("first_s")),
+                f"{num(r.get('fwd_steps'))} / {num(r.get('fwd_nfe'))}",
+                f"{num(r.get('bwd_steps'))} / {num(r.get('bwd_nfe'))}" if "bwd_steps" in r else "—",
+                sci(r.get("grad_error")), num(r.get("final_scaled_error")), r.get("error", ""),
+            ])
+        out.append(table(["t1", "tol", "mode", "gradient ms (min–max)", "first call s", "fwd steps / NFE",
+                          "bwd steps / NFE", "grad error", "final error (tols)", "error"], rows))
+        out.append("\n![gradient time vs tolerance](time_vs_tolerance.png)\n"
+                   "![gradient error vs tolerance](grad_error_vs_tolerance.png)\n")
+    mem = adj.get("memory") or []
+    if mem:
+        out.append("### Peak memory and first call (a fresh process per case)\n")
+        out.append("A jitted training step (`value_and_grad` + `optax.adam` update) at tol 1e-5. "
+                   "*First call*: trace + compile + run in a fresh process (after a trivial jit warms up "
+                   "the backend). "
+                   "*Call peak*: VmHWM reset (`/proc/self/clear_refs`) just before a second, steady call, "
+                   "minus the RSS then: memory the call itself adds. *Process peak*: `ru_maxrss` after the "
+                   "first call minus the RSS after imports and data (compilation included).\n")
+        rows = []
+        for r in mem:
+            mode = r.get("mode", "") + (" seminorm" if r.get("seminorm") else "")
+            rows.append([
+                r.get("library"), mode, f"{r.get('t1', 0):g}", sec(r.get("first_s")), ms(r.get("steady_s")),
+                num(r.get("call_peak_mib")), num(r.get("process_peak_mib")),
+                f"{num(r.get('fwd_steps'))} / {num(r.get('fwd_nfe'))}" if "fwd_steps" in r else "—",
+                f"{num(r.get('bwd_steps'))} / {num(r.get('bwd_nfe'))}" if "bwd_steps" in r else "—",
+                r.get("error", ""),
+            ])
+        out.append(table(["library", "mode", "t1", "first call s", "steady step ms", "call peak MiB",
+                          "process peak MiB", "fwd steps / NFE", "bwd steps / NFE", "error"], rows))
+        out.append("\n![peak memory vs horizon](memory_vs_horizon.png)\n")
+    grads = res.get("gradients") or {}
+    if grads.get("vmap_rows"):
+        g = by_label(grads.get("rows"))
+        out.append("### vmap (per-sample steps) vs batched (one state, one step size)\n")
+        out.append("Same loss and weights; `jax.vmap` of the solve over the batch's initial conditions.\n")
+        rows = []
+        for r in grads["vmap_rows"]:
+            base = g.get(r["label"].replace(" vmap", ""))
+            rows.append([r["label"], time_cell(r), ms(med(base)), num(ratio(med(r), med(base))),
+                         sec(r.get("first_s")), sci(r.get("grad_error")), r.get("error", "")])
+        out.append(table(["case", "vmap ms (min–max)", "batched ms", "vmap / batched", "first call s",
+                          "grad error", "error"], rows))
+    return "\n".join(out)
+
+
+def _same_tableau_jaxode(label: str) -> str:
+    return "jaxode tsit5" if "tsit5" in label else "jaxode dopri5"
+
+
+def section_peers(res: dict, cfg: dict) -> str:
+    peers = (res.get("peers") or {}).get("forward")
+    grads = res.get("gradients")
+    if not peers and not grads:
+        return ""
+    out = ["## 2. Peers\n",
+           "Every library solves the same problem (WORKLOADS.md): same weights, `z0`, `ts`, tolerances, "
+           "outputs by its own dense interpolation, first step chosen by the library. Before anything is "
+           "timed, each final state is checked against the scipy DOP853 reference: *final error* is the "
+           "RMS over elements of `|y - y_ref| / (atol + rtol |y_ref|)` at the last output, asserted "
+           "<= 1000 (a case that fails is reported and not timed). *x jaxode*: this row's steady time "
+           "over jaxode's with the same tableau (dopri5 for RK45, LSODA and jax odeint), same process. "
+           "NFE: evaluations counted by the field itself in a separate run (a `jax.debug.callback` for "
+           "JAX libraries; a batched solve's evaluation of the whole batch counts once); scipy reports "
+           "its own. *First call*: compile + first run, in a process shared with the other libraries.\n"]
+    for wl, res_wl in (peers or {}).items():
+        out.append(f"### Forward: {wl}\n")
+        if failed(res_wl):
+            out.append(f"failed: {failed(res_wl)}\n")
+            continue
+        rows_by = by_label(res_wl["rows"])
+        rows = []
+        for r in res_wl["rows"]:
+            base = rows_by.get(_same_tableau_jaxode(r["label"]))
+            rows.append([
+                r["label"], time_cell(r), num(ratio(med(r), med(base))), sec(r.get("first_s")),
+                num(r.get("nfe")), num(r.get("steps")), sci(r.get("rms_error")),
+                num(r.get("final_scaled_error")),
+                r.get("note", "") + (" " + r["error"] if "error" in r else ""),
+            ])
+        out.append(table(["library / method", "steady ms (min–max)", "x jaxode", "first call s", "NFE",
+                          "steps", "RMS error of ys", "final error (tols)", "notes"], rows))
+        out.append("")
+    if grads:
+        out.append(f"### Gradients: mlp-batch (batch {cfg['batch']}, float32, rtol = atol = 1e-5)\n")
+        if failed(grads):
+            out.append(f"failed: {failed(grads)}\n")
+        else:
+            out.append("`value_and_grad` of `mean(ys**2)` w.r.t. the six weight arrays (torchdiffeq: "
+                       "`loss.backward()`). *f evals*: all evaluations of the field in one gradient call "
+                       "(forward + backward, recomputation included; a vjp of f counts as one). *x jaxode*: "
+                       "this row's time over the jaxode row with the same tableau and gradient kind "
+                       "(adjoint for adjoint methods, backprop for the others).\n")
+            rows_by = by_label(grads["rows"])
+            rows = []
+            for r in grads["rows"]:
+                lab = r["label"]
+                kind = "adjoint" if "adjoint" in lab.lower() and "Recursive" not in lab else "backprop"
+                tab = "tsit5" if "tsit5" in r["label"] else "dopri5"
+                base = rows_by.get(f"jaxode {tab} {kind}")
+                rows.append([
+                    r["label"], time_cell(r), num(ratio(med(r), med(base))), sec(r.get("first_s")),
+                    num(r.get("nfe")), sci(r.get("grad_error")), num(r.get("final_scaled_error")),
+                    r.get("error", ""),
+                ])
+            out.append(table(["library / method", "gradient ms (min–max)", "x jaxode", "first call s",
+                              "f evals", "grad error", "final error (tols)", "error"], rows))
+        out.append("\n![peers](peers_forward.png)\n")
+    return "\n".join(out)
+
+
+def section_overhead(res: dict) -> str:
+    over = res.get("overhead")
+    if not over:
+        return ""
+    out = ["## 3. Overhead\n",
+           "Steady solve time / (NFE x time of one evaluation of f), measured in the same process with the "
+           "same shapes. *f in loop*: the cost of one evaluation inside a compiled `fori_loop` of 1000 "
+           "dependent evaluations (the basis of the target); *f single*: one jitted call, dispatch "
+           "included. Overhead 1.0 = the solver costs nothing beyond its field evaluations.\n"]
+    rows = []
+    for wl, r in over.items():
+        if failed(r):
+            rows.append([wl, "failed", failed(r)] + [""] * 5)
+            continue
+        fe = r["f_eval"]
+        for row in r["rows"]:
+            rows.append([wl, row["label"], time_cell(row), num(row["nfe"]), f"{fe['in_loop_s'] * 1e6:.3g}",
+                         f"{fe['single_s'] * 1e6:.3g}", f"{row['overhead_in_loop']:.2f}",
+                         f"{row['overhead_single']:.2f}"])
+    out.append(table(["workload", "solve", "solve ms (min–max)", "NFE", "f in loop µs", "f single µs",
+                      "overhead (in loop)", "overhead (single)"], rows))
+    return "\n".join(out)
+
+
+def write(res: dict, path: str) -> None:
+    cfg = res.get("config", {"batch": 256})
+    lines = ["# jaxode benchmark results\n",
+             f"`{res.get('command', 'benchmarks/run.py')}` — started {res.get('started', '?')}, "
+             f"{res.get('wall_s', 0):.0f} s wall. Configuration: {cfg}.\n"]
+    if cfg.get("quick"):
+        lines.append("**Quick smoke run**: batch 64, 1 repeat, fewer cases; not for comparison.\n")
+    m = res.get("machine", {})
+    load = m.get("loadavg") or [0]
+    if m.get("cores") and max(load[0], (m.get("loadavg_end") or [0])[0]) > 0.5 * m["cores"]:
+        lines.append(f"**Noisy machine**: the load average was {load[0]:.1f} at the start and "
+                     f"{(m.get('loadavg_end') or [0])[0]:.1f} at the end on {m['cores']} cores (other work "
+                     "was running): timings are indicative only; re-run on a quiet machine.\n")
+    lines.append("Times: median over the repeats (min–max in brackets), steady state: after a warm-up call, "
+                 "`block_until_ready`; calls under 0.1 s are looped and averaged per sample; calls over 1 s "
+                 "get at most 2 samples.\n")
+    lines.append(section_machine(res))
+    lines.append("\n## Targets\n")
+    lines.append(table(["", "target", "measured", "result"], [list(t) for t in evaluate_targets(res)]))
+    lines.append("")
+    for sec_text in (section_adjoint(res, cfg), section_peers(res, cfg), section_overhead(res)):
+        if sec_text:
+            lines.append(sec_text)
+            lines.append("")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    try:
+        plots(res, os.path.dirname(os.path.abspath(path)))
+    except Exception as e:  # a plot must not lose the report
+        print(f"plots failed: {e!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# plots
+
+
+def plots(res: dict, outdir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    adj = res.get("adjoint") or {}
+    mem = [r for r in adj.get("memory") or [] if "error" not in r]
+    if mem:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        keys = sorted({(r["library"], r["mode"], bool(r.get("seminorm"))) for r in mem})
+        for key in keys:
+            rs = sorted((r for r in mem if (r["library"], r["mode"], bool(r.get("seminorm"))) == key),
+                        key=lambda r: r["t1"])
+            label = f"{key[0]} {key[1]}" + (" seminorm" if key[2] else "")
+            for ax, field in zip(axes, ("call_peak_mib", "process_peak_mib"), strict=True):
+                pts = [(r["t1"], max(r[field], 0.1)) for r in rs if r.get(field) is not None]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+        for ax, title in zip(axes, ("peak RSS added by one steady call", "process peak (compile incl.)"),
+                             strict=True):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("t1")
+            ax.set_ylabel("MiB")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle("mlp-batch gradient step: memory vs horizon")
+        fig.tight_layout()
+        fig.savefig(os.path.join(outdir, "memory_vs_horizon.png"), dpi=100)
+        plt.close(fig)
+
+    grid = [r for r in (adj.get("grid") or {}).get("rows", []) if "error" not in r]
+    if grid:
+        labels = list(dict.fromkeys(r["label"] for r in grid))
+        for field, name, ylabel in (("median_s", "time_vs_tolerance.png", "gradient time (s)"),
+                                    ("grad_error", "grad_error_vs_tolerance.png", "|g - g_ref| / |g_ref|")):
+            horizons = sorted({r["t1"] for r in grid if r.get(field) is not None})
+            if not horizons:
+                continue
+            fig, axes = plt.subplots(1, len(horizons), figsize=(4 * len(horizons), 3.6), squeeze=False)
+            for ax, t1 in zip(axes[0], horizons, strict=True):
+                for label in labels:
+                    pts = sorted((r["tol"], r[field]) for r in grid
+                                 if r["t1"] == t1 and r["label"] == label and r.get(field) is not None)
+                    if pts:
+                        ax.plot(*zip(*pts, strict=True), marker="o", label=f"jaxode {label}")
+                if field == "grad_error" and t1 == 1.0:
+                    g = (res.get("gradients") or {}).get("rows") or []
+                    for r in g:
+                        peer = r.get("library") in ("diffrax", "jax odeint", "torchdiffeq")
+                        if peer and r.get("grad_error") and "dopri5" in r["label"]:
+                                ax.plot([1e-5], [r["grad_error"]], marker="x", linestyle="", label=r["label"])
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.invert_xaxis()
+                ax.set_xlabel("rtol = atol")
+                ax.set_ylabel(ylabel)
+                ax.set_title(f"t1 = {t1:g}")
+                ax.grid(alpha=0.3)
+            axes[0][0].legend(fontsize=6)
+            fig.suptitle(f"mlp-batch dopri5: {ylabel} vs tolerance")
+            fig.tight_layout()
+            fig.savefig(os.path.join(outdir, name), dpi=100)
+            plt.close(fig)
+
+    peers = (res.get("peers") or {}).get("forward") or {}
+    ok = {wl: [r for r in (v.get("rows") or []) if med(r) is not None]
+          for wl, v in peers.items() if not failed(v)}
+    ok = {k: v for k, v in ok.items() if v}
+    if ok:
+        fig, axes = plt.subplots(1, len(ok), figsize=(5 * len(ok), 3.8), squeeze=False)
+        for ax, (wl, rows) in zip(axes[0], ok.items(), strict=True):
+            ax.barh([r["label"] for r in rows], [r["median_s"] * 1e3 for r in rows],
+                    color=["tab:blue" if r["library"] == "jaxode" else "tab:gray" for r in rows])
+            ax.set_xscale("log")
+            ax.set_xlabel("steady time (ms)")
+            ax.set_title(wl)
+            ax.invert_yaxis()
+            ax.tick_params(axis="y", labelsize=7)
+        fig.suptitle("forward solve, steady state")
+        fig.tight_layout()
+        fig.savefig(os.path.join(outdir, "peers_forward.png"), dpi=100)
+        plt.close(fig)
