@@ -60,7 +60,7 @@ except ImportError:
     diffrax = None
     print("diffrax not importable: timing jaxode only", flush=True)
 
-MAX_STEPS = 16384
+MAX_STEPS = 4096
 failures = []
 
 
@@ -138,12 +138,14 @@ cases = [
 ]
 if diffrax is not None:
     def diffrax_fn(adjoint):
+        kw = {} if adjoint is None else {"adjoint": adjoint}
+
         def solve(z0, ts, p):
             return diffrax.diffeqsolve(
                 diffrax.ODETerm(lambda t, y, a: wb.f(y, t, a)), diffrax.Dopri5(), t0=ts[0], t1=ts[-1],
                 dt0=None, y0=z0, args=p, saveat=diffrax.SaveAt(ts=ts),
                 stepsize_controller=diffrax.PIDController(rtol=wb.rtol, atol=wb.atol),
-                max_steps=MAX_STEPS, adjoint=adjoint).ys
+                max_steps=MAX_STEPS, **kw).ys
 
         if adjoint is None:
             return jax.jit(lambda z0, ts, p: solve(z0, ts, p))
@@ -170,7 +172,7 @@ print(f"\nmlp-batch, batch {batch}, float32, rtol = atol = 1e-5, default matmul 
 header = ("case", "first call s", "median ms", "min ms")
 widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
 for r in [header] + rows:
-    print("  ".join(str(c).ljust(wd) for c, wd in zip(r, widths)))
+    print("  ".join(str(c).ljust(wd) for c, wd in zip(r, widths)).rstrip())
 print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 if failures:
     print("FAILED checks: " + ", ".join(failures))

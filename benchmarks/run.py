@@ -580,6 +580,7 @@ def main(argv=None) -> int:
         report.write(results, args.out)
         return 0
     cfg = Config(args.quick, args.repeats)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     import peers as P
 
     results = {
