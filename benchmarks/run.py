@@ -531,6 +531,19 @@ def suite_overhead(cfg: Config) -> dict:
 # machine and report
 
 
+def git_info() -> str:
+    """The commit the library was measured at (``-dirty`` when jaxode/ has local changes)."""
+    root = os.path.dirname(HERE)
+    try:
+        head = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h %cI", "--", "jaxode"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "jaxode"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + (" (dirty)" if dirty else "")
+
+
 def machine_info() -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(), "cores": os.cpu_count()}
     try:
@@ -591,6 +604,7 @@ def main(argv=None) -> int:
         "machine": machine_info(),
         "versions": P.versions(),
     }
+    results["versions"]["jaxode commit (last change to jaxode/)"] = git_info()
     t0 = now()
     # the references are built (slowly, once) before any timing
     log("references")
