@@ -179,8 +179,8 @@ def adjoint_backward_info(
         pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg, last_step=True
     )
     ct = jnp.ones_like(ys) if cotangent is None else jax.vmap(lambda c: ravel_pytree(c)[0])(cotangent)
-    a_rtol = options.get("adjoint_rtol") or pb.rtol
-    a_atol = options.get("adjoint_atol") or pb.atol
+    a_rtol = pb.rtol if options.get("adjoint_rtol") is None else options["adjoint_rtol"]
+    a_atol = pb.atol if options.get("adjoint_atol") is None else options["adjoint_atol"]
     ct_y0, ct_ts, _, bwd_info = adjoint.backward(
         pb.field, ys, pb.ts, pb.diff, pb.nondiff, ct, jnp.asarray(a_rtol, pb.y0.dtype),
         jnp.asarray(a_atol, pb.y0.dtype), last_step if tableau.adaptive else pb.dt0, cfg,
