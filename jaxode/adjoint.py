@@ -191,22 +191,22 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
         return vjp(cotangent.astype(dtype))[0]
 
     def step_one(state, ys_b, ct_b, dt0_b):
-        _, step, running = loop_for(ys_b, ct_b, dt0_b)
-        active = running(state)
-        new, record = step(state)
+        loop = loop_for(ys_b, ct_b, dt0_b)
+        active = loop.running(state)
+        new, record = loop.step(state)
         new = jax.tree_util.tree_map(lambda x, y: jnp.where(active, x, y), new, state)
         return new, record._replace(h=jnp.where(active, record.h, 0))
 
     def running_all(carry):
         states, _ = carry
-        return jnp.any(jax.vmap(lambda s, *a: loop_for(*a)[2](s))(states, ys, ct_ys, dt0s))
+        return jnp.any(jax.vmap(lambda s, *a: loop_for(*a).running(s))(states, ys, ct_ys, dt0s))
 
     def body(carry):
         states, acc = carry
         states, record = jax.vmap(step_one)(states, ys, ct_ys, dt0s)
         return states, acc + parameter_increment(record)
 
-    init = jax.vmap(lambda *a: loop_for(*a)[0]())(ys, ct_ys, dt0s)
+    init = jax.vmap(lambda *a: loop_for(*a).init())(ys, ct_ys, dt0s)
     states, ct_theta = jax.lax.while_loop(running_all, body, (init, jnp.zeros_like(theta)))
     y = states.y
     f_out = jax.vmap(jax.vmap(lambda yi, ti: field(yi, ti.astype(dtype), diff, nondiff)), (0, None))

@@ -15,11 +15,11 @@ A solve backwards in time (decreasing ``ts``) runs forwards in ``s = -t`` with t
 ``errors``): more than ``max_steps`` steps, a step size that underflows, a non-finite state.
 Outputs not reached stay NaN.
 
-The loop body is shared by two drivers: ``lax.while_loop`` for a solve that is not
-reverse-differentiated, and ``backprop.checkpointed_while`` (nested, checkpointed scans) for
-``gradient="backprop"``; there outputs are written by masking rather than an inner while loop
-so that the whole body can be transposed, and step sizes are held constant under
-differentiation.
+The step attempt is shared by two drivers: ``Loop.solve``, nested ``lax.while_loop``s (over
+the output times, and over the steps up to the next one) for a solve that is not
+reverse-differentiated, and ``backprop.checkpointed_while`` (nested, checkpointed scans) over
+``Loop.step`` for ``gradient="backprop"``; there outputs are written by masking so that the
+whole body can be transposed, and step sizes are held constant under differentiation.
 """
 
 from __future__ import annotations
@@ -62,20 +62,55 @@ class LoopState(NamedTuple):
     status: Array  # errors.SUCCESS, or the failure
 
 
+class Attempt(NamedTuple):
+    """One step attempt from ``(t, y)`` to ``(t_new, y_new)`` (forward-running time)."""
+
+    accept: Array
+    landed: Array  # the step was shortened to end exactly on its target time
+    t: Array
+    y: Array
+    h: Array  # the step used, ``t_new - t``
+    t_new: Array
+    y_new: Array
+    stages: Array  # (s, n): the stage derivatives k_i
+    record: StepRecord
+
+
+class _LastStep(NamedTuple):
+    """The last accepted step, to interpolate the outputs inside it (``Loop.solve``)."""
+
+    t: Array
+    h: Array
+    t_new: Array
+    y: Array
+    y_new: Array
+    dense: Array  # its interpolant's coefficients (d, n); its stages (s, n) if it needs extra ones
+
+
+class Loop(NamedTuple):
+    """A solve's loop (see ``make_loop``)."""
+
+    init: Callable[[], LoopState]
+    step: Callable[[LoopState], tuple[LoopState, StepRecord]]
+    running: Callable[[LoopState], Array]
+    solve: Callable[[], LoopState]
+
+
 def integrate(field, y0, ts, rtol, atol, dt0, *, tableau, max_steps, differentiable=False, **options):
     """Solves ``y' = field(y, t)``, ``y(ts[0]) = y0`` and returns the final ``LoopState``.
 
     The arguments are those of ``make_loop``; ``differentiable`` picks the reverse-differentiable
-    driver (``backprop.checkpointed_while``) over ``lax.while_loop``.
+    driver (``backprop.checkpointed_while``) over nested ``lax.while_loop``s.
     """
-    init, step, running = make_loop(
+    loop = make_loop(
         field, y0, ts, rtol, atol, dt0, tableau=tableau, max_steps=max_steps,
         differentiable=differentiable, **options,
     )
-    body = lambda state: step(state)[0]  # noqa: E731
     if differentiable:
-        return checkpointed_while(running, body, init(), max_steps, residual_ratio=tableau.num_stages)
-    return lax.while_loop(running, body, init())
+        body = lambda state: loop.step(state)[0]  # noqa: E731
+        stages = tableau.num_stages
+        return checkpointed_while(loop.running, body, loop.init(), max_steps, residual_ratio=stages)
+    return loop.solve()
 
 
 def make_loop(
@@ -92,13 +127,18 @@ def make_loop(
     save_outputs: bool = True,
     segments: tuple | None = None,
     differentiable: bool = False,
-) -> tuple[LoopState, Callable, Callable]:
-    """The loop for ``y' = field(y, t)``, ``y(ts[0]) = y0``: ``(init, step, running)``.
+) -> Loop:
+    """The loop for ``y' = field(y, t)``, ``y(ts[0]) = y0``.
 
-    ``init()`` builds the first state (evaluating ``field`` once or twice);
-    ``step(state) -> (state, StepRecord)`` makes one step attempt; ``running(state)`` says
-    whether the loop goes on. ``integrate`` drives them; the adjoint's batched backward solve
-    drives them itself.
+    Returns a ``Loop``: ``init()`` builds the first state (evaluating ``field`` once or twice);
+    ``step(state) -> (state, StepRecord)`` makes one step attempt and writes the outputs it
+    reaches; ``running(state)`` says whether the loop goes on; ``solve()`` runs the whole
+    solve as two nested ``lax.while_loop``s, an outer one over the output times and an inner
+    one stepping up to the next of them. The inner loop carries only the state of size ``n``
+    (no outputs, no ``ts``): XLA's CPU runtime runs a loop body whose buffers are all small
+    (<= 512 bytes) inline, which for small systems makes a step several times cheaper.
+    ``integrate`` drives ``solve``, or ``step`` under ``backprop.checkpointed_while``; the
+    adjoint's batched backward solve drives ``step`` itself.
 
     Args:
         field: the vector field on flat states, ``(n,), scalar -> (n,)``.
@@ -124,11 +164,11 @@ def make_loop(
     direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(dtype)
     s_ts = direction * ts.astype(dtype)
     num_out = ts.shape[0]
+    int_ = jnp.int32
+    eps = jnp.finfo(dtype).eps
 
     def g(y, s):
         return direction * field(y, direction * s)
-
-    int_ = jnp.int32
 
     def init() -> LoopState:
         f0 = g(y0, s_ts[0])
@@ -149,10 +189,10 @@ def make_loop(
             status=jnp.asarray(errors.SUCCESS, int_),
         )
 
-    def step_fn(state: LoopState) -> tuple[LoopState, StepRecord]:
+    def attempt(state: LoopState, target, final) -> tuple[LoopState, Attempt]:
+        """One step attempt towards ``target`` (clipped to end on it); ``final``: whether
+        ``target`` is the last output time. Leaves ``ys`` and ``i_out`` alone."""
         t, y, h = state.t, state.y, state.h
-        target = s_ts[state.i_out] if stop_at_outputs else s_ts[-1]
-        eps = jnp.finfo(dtype).eps
         landed = t + h >= target - 64 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
         h_used = jnp.where(landed, target - t, h)
         t_new = jnp.where(landed, target, t + h_used)
@@ -172,74 +212,140 @@ def make_loop(
         else:
             f_new = g(step.y_new, t_new)
             nfe = nfe + 1
-        y_new, ys, i_out = step.y_new, state.ys, state.i_out
-
-        if stop_at_outputs:
-            arrived = accept & landed
-            if ys is not None:
-                ys = ys.at[i_out].set(jnp.where(arrived, y_new, ys[i_out]))
-            if jump is not None:
-                y_jumped = jump(i_out, y_new)
-                y_new = jnp.where(arrived, y_jumped, y_new)
-                again = arrived & (i_out < num_out - 1)  # not needed after the last output
-                f_new = lax.cond(again, lambda: g(y_jumped, t_new), lambda: f_new)
-                nfe = nfe + again.astype(int_)
-            i_out = i_out + arrived.astype(int_)
-        else:
-            in_step = accept & (s_ts[jnp.minimum(i_out, num_out - 1)] <= t_new)
-
-            def coefficients():
-                return dense_coefficients(tableau, g, t, y, h_used, step.stages, y_new, f_new)
-
-            if tableau.extra_c:  # costly extra stages: only when an output needs them
-                degree = len(tableau.dense[0])
-                coeffs = lax.cond(in_step, coefficients, lambda: jnp.zeros((degree, n), dtype))
-                nfe = nfe + in_step.astype(int_) * len(tableau.extra_c)
-            else:
-                coeffs = coefficients()
-            write = _write_masked if differentiable else _write_while
-            nested = tableau.dense_nested
-            ys, i_out = write(ys, i_out, s_ts, accept, t, h_used, t_new, y, y_new, coeffs, nested)
-
         h_next = h
         if tableau.adaptive:
             factor = step_factor(ratio, state.ratio_prev, accept, tableau.error_order)
             h_next = _next_step_size(h, h_used, factor, accept, landed & stop_at_outputs)
         if differentiable:
             h_next = lax.stop_gradient(h_next)
-
         num_accepted = state.num_accepted + accept.astype(int_)
         num_rejected = state.num_rejected + (~accept).astype(int_)
         # a step too small to move t (rejected, or accepted with t frozen) ends the solve
         tiny = h_next <= 16 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
         status = _status(
-            state.status, tableau.adaptive, accept, finite, tiny, i_out < num_out,
+            state.status, tableau.adaptive, accept, finite, tiny, ~(accept & landed & final),
             num_accepted + num_rejected >= max_steps,
+        )
+        new_state = state._replace(
+            t=jnp.where(accept, t_new, t),
+            y=jnp.where(accept, step.y_new, y),
+            f=jnp.where(accept, f_new, state.f),
+            h=h_next,
+            ratio_prev=jnp.where(accept, ratio, state.ratio_prev),
+            num_accepted=num_accepted,
+            num_rejected=num_rejected,
+            nfe=nfe,
+            status=status,
         )
         record = StepRecord(
             inputs=jnp.stack(step.inputs),
             times=direction * jnp.stack(stage_times(tableau, t, h_used, t_new)),
             h=jnp.where(accept, direction * h_used, 0),
         )
-        new_state = LoopState(
-            t=jnp.where(accept, t_new, t),
-            y=jnp.where(accept, y_new, y),
-            f=jnp.where(accept, f_new, state.f),
-            h=h_next,
-            ratio_prev=jnp.where(accept, ratio, state.ratio_prev),
-            ys=ys,
-            i_out=i_out,
-            num_accepted=num_accepted,
-            num_rejected=num_rejected,
-            nfe=nfe,
-            status=status,
-        )
-        return new_state, record
+        stages = jnp.stack(step.stages)
+        return new_state, Attempt(accept, landed, t, y, h_used, t_new, step.y_new, stages, record)
+
+    def arrive(state: LoopState, i, arrived) -> LoopState:
+        """On arriving at output ``i``: the jump, and the field at the state it gives."""
+        y = jump(i, state.y)
+        again = arrived & (i < num_out - 1)  # not needed after the last output
+        f = lax.cond(again, lambda: g(y, state.t), lambda: state.f)
+        return state._replace(y=jnp.where(arrived, y, state.y), f=f, nfe=state.nfe + again.astype(int_))
+
+    def coefficients(at: Attempt | _LastStep, stages, f_new):
+        return dense_coefficients(tableau, g, at.t, at.y, at.h, list(stages), at.y_new, f_new)
+
+    def step(state: LoopState) -> tuple[LoopState, StepRecord]:
+        i = state.i_out
+        if stop_at_outputs:
+            new, at = attempt(state, s_ts[i], i == num_out - 1)
+            arrived = at.accept & at.landed
+            ys = new.ys
+            if ys is not None:
+                ys = ys.at[i].set(jnp.where(arrived, at.y_new, ys[i]))
+            if jump is not None:
+                new = arrive(new, i, arrived)
+            return new._replace(ys=ys, i_out=i + arrived.astype(int_)), at.record
+        new, at = attempt(state, s_ts[-1], True)
+        in_step = at.accept & (s_ts[jnp.minimum(i, num_out - 1)] <= at.t_new)
+        if tableau.extra_c:  # costly extra stages: only when an output needs them
+            degree = len(tableau.dense[0])
+            zeros = jnp.zeros((degree, n), dtype)
+            coeffs = lax.cond(in_step, lambda: coefficients(at, at.stages, new.f), lambda: zeros)
+            new = new._replace(nfe=new.nfe + in_step.astype(int_) * len(tableau.extra_c))
+        else:
+            coeffs = coefficients(at, at.stages, new.f)
+        write = _write_masked if differentiable else _write_while
+        ys, i_out = write(new.ys, i, s_ts, at, coeffs, tableau.dense_nested)
+        return new._replace(ys=ys, i_out=i_out), at.record
 
     def running(state: LoopState) -> Array:
         return (state.i_out < num_out) & (state.status == errors.SUCCESS)
 
-    return init, step_fn, running
+    def step_until(state: LoopState, until, clip_to, final, last: _LastStep | None):
+        """The inner loop: steps (each clipped to end at ``clip_to`` at the latest) until
+        ``state.t`` reaches ``until`` or the solve fails; with ``last``, also returns the last
+        step (the accepted one that got there). Carries nothing of size ``T``."""
+
+        def body(carry):
+            new, at = attempt(carry[0], clip_to, final)
+            if last is None:
+                return (new,)
+            dense = at.stages if tableau.extra_c else coefficients(at, at.stages, new.f)
+            return new, _LastStep(at.t, at.h, at.t_new, at.y, at.y_new, dense)
+
+        more = lambda carry: (carry[0].status == errors.SUCCESS) & (carry[0].t < until)  # noqa: E731
+        carry = (state._replace(ys=None),) + ((last,) if last is not None else ())
+        carry = lax.while_loop(more, body, carry)
+        return carry[0]._replace(ys=state.ys), (carry[1] if last is not None else None)
+
+    def write(ys, i, arrived, value):
+        """``ys[i] = value`` if ``arrived``, else NaN (not reached)."""
+        if ys is None:
+            return None
+        return lax.dynamic_update_index_in_dim(ys, jnp.where(arrived, value, jnp.nan), i, 0)
+
+    def solve() -> LoopState:
+        state = init()
+        if stop_at_outputs:
+            def outer(state):
+                i = state.i_out
+                target = lax.dynamic_index_in_dim(s_ts, i, keepdims=False)
+                new, _ = step_until(state, target, target, i == num_out - 1, None)
+                arrived = new.status == errors.SUCCESS
+                new = new._replace(ys=write(new.ys, i, arrived, new.y))
+                if jump is not None:
+                    new = arrive(new, i, arrived)
+                return new._replace(i_out=i + arrived.astype(int_))
+
+            return lax.while_loop(running, outer, state)
+
+        degree = 3 if tableau.dense is None else len(tableau.dense[0])
+        dense_shape = (tableau.num_stages if tableau.extra_c else degree, n)
+        one = jnp.ones((), dtype)
+        last = _LastStep(state.t, one, state.t, y0, y0, jnp.zeros(dense_shape, dtype))
+        coeffs = jnp.zeros((degree, n), dtype)  # with extra stages: those of the last output's step
+
+        def outer(carry):
+            state, last, coeffs = carry
+            i = state.i_out
+            target = lax.dynamic_index_in_dim(s_ts, i, keepdims=False)
+            new, last = step_until(state, target, s_ts[-1], True, last)
+            arrived = new.status == errors.SUCCESS
+            if tableau.extra_c:  # the extra stages once per step with outputs
+                fresh = arrived & (new.num_accepted != state.num_accepted)
+                coeffs = lax.cond(fresh, lambda: coefficients(last, last.dense, new.f), lambda: coeffs)
+                new = new._replace(nfe=new.nfe + fresh.astype(int_) * len(tableau.extra_c))
+            else:
+                coeffs = last.dense
+            value = evaluate(last.y, coeffs, (target - last.t) / last.h, tableau.dense_nested)
+            value = jnp.where(target == last.t_new, last.y_new, value)
+            new = new._replace(ys=write(new.ys, i, arrived, value), i_out=i + arrived.astype(int_))
+            return new, last, coeffs
+
+        return lax.while_loop(lambda carry: running(carry[0]), outer, (state, last, coeffs))[0]
+
+    return Loop(init, step, running, solve)
 
 
 def _next_step_size(h, h_used, factor, accept, landed_at_stop):
@@ -261,9 +367,10 @@ def _status(status, adaptive: bool, accept, finite, tiny, unfinished, out_of_ste
     return jnp.where(unfinished & out_of_steps, errors.MAX_STEPS_REACHED, status).astype(jnp.int32)
 
 
-def _write_while(ys, i_out, s_ts, accept, t, h, t_new, y, y_new, coeffs, nested):
+def _write_while(ys, i_out, s_ts, at: Attempt, coeffs, nested):
     """Writes the outputs in ``(t, t_new]`` one by one (cost: the outputs in this step)."""
     num_out = s_ts.shape[0]
+    accept, t, h, t_new, y, y_new = at.accept, at.t, at.h, at.t_new, at.y, at.y_new
 
     def more(carry):
         i, _ = carry
@@ -278,8 +385,9 @@ def _write_while(ys, i_out, s_ts, accept, t, h, t_new, y, y_new, coeffs, nested)
     return ys, i_out
 
 
-def _write_masked(ys, i_out, s_ts, accept, t, h, t_new, y, y_new, coeffs, nested):
+def _write_masked(ys, i_out, s_ts, at: Attempt, coeffs, nested):
     """Writes the outputs in ``(t, t_new]`` by masking all of them (reverse-differentiable)."""
+    accept, t, h, t_new, y, y_new = at.accept, at.t, at.h, at.t_new, at.y, at.y_new
     inside = accept & (s_ts > t) & (s_ts <= t_new)
     theta = jnp.clip((s_ts - t) / h, 0, 1)
     values = jax.vmap(lambda th: evaluate(y, coeffs, th, nested))(theta)
