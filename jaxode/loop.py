@@ -25,7 +25,7 @@ whole body can be transposed, and step sizes are held constant under differentia
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,10 @@ from .backprop import checkpointed_while
 from .interpolation import dense_coefficients, evaluate
 from .step import error_ratio, initial_step, rk_step, stage_times, step_factor
 from .tableaus import ButcherTableau
+
+# XLA's CPU runtime runs a loop body inline when every buffer it touches is at most this big
+# (ThunkExecutor's execute_sequential_buffer_threshold), else through its dataflow executor.
+_INLINE_BYTES = 512
 
 
 class StepRecord(NamedTuple):
@@ -100,17 +104,53 @@ def integrate(field, y0, ts, rtol, atol, dt0, *, tableau, max_steps, differentia
     """Solves ``y' = field(y, t)``, ``y(ts[0]) = y0`` and returns the final ``LoopState``.
 
     The arguments are those of ``make_loop``; ``differentiable`` picks the reverse-differentiable
-    driver (``backprop.checkpointed_while``) over nested ``lax.while_loop``s.
+    driver (``backprop.checkpointed_while``). Otherwise a system whose stages fit in
+    ``_INLINE_BYTES`` runs ``Loop.solve`` (nested loops; the flat loop under ``jax.vmap``), and
+    a larger one the flat ``lax.while_loop`` over ``Loop.step`` (there the step's own cost
+    dominates and the nested loops gain nothing).
     """
     loop = make_loop(
         field, y0, ts, rtol, atol, dt0, tableau=tableau, max_steps=max_steps,
         differentiable=differentiable, **options,
     )
+    body = lambda state: loop.step(state)[0]  # noqa: E731
     if differentiable:
-        body = lambda state: loop.step(state)[0]  # noqa: E731
         stages = tableau.num_stages
         return checkpointed_while(loop.running, body, loop.init(), max_steps, residual_ratio=stages)
-    return loop.solve()
+    flat = lambda: lax.while_loop(loop.running, body, loop.init())  # noqa: E731
+    if tableau.num_stages * y0.size * y0.dtype.itemsize > _INLINE_BYTES:
+        return flat()
+    return _vmapped_as(loop.solve, flat)
+
+
+def _vmapped_as(fn: Callable[[], Any], vmappable: Callable[[], Any]):
+    """``fn()``, whose ``jax.vmap`` is computed as ``jax.vmap`` of ``vmappable()`` instead.
+
+    ``fn`` and ``vmappable`` compute the same thing (here: ``Loop.solve`` and the flat loop).
+    The nested loops of ``solve`` are the faster for one problem, but under ``jax.vmap`` every
+    problem would wait for the others at each output time; the flat loop lets each problem
+    step on by itself. Everything the two functions close over is passed in explicitly, as
+    ``custom_vmap`` requires to see what is batched.
+    """
+    fn_jaxpr, out_shape = jax.make_jaxpr(fn, return_shape=True)()
+    flat_jaxpr = jax.make_jaxpr(vmappable)()
+    out_tree = jax.tree_util.tree_structure(out_shape)
+
+    def evaluate_jaxpr(closed, consts):
+        return jax.tree_util.tree_unflatten(out_tree, jax.core.eval_jaxpr(closed.jaxpr, consts))
+
+    @jax.custom_batching.custom_vmap
+    def run(fn_consts, flat_consts):
+        return evaluate_jaxpr(fn_jaxpr, fn_consts)
+
+    @run.def_vmap
+    def _rule(axis_size, in_batched, fn_consts, flat_consts):
+        in_axes = [0 if batched else None for batched in in_batched[1]]
+        out = jax.vmap(lambda consts: evaluate_jaxpr(flat_jaxpr, consts), in_axes=(in_axes,),
+                       axis_size=axis_size)(flat_consts)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return run(fn_jaxpr.consts, flat_jaxpr.consts)
 
 
 def make_loop(
@@ -137,8 +177,9 @@ def make_loop(
     one stepping up to the next of them. The inner loop carries only the state of size ``n``
     (no outputs, no ``ts``): XLA's CPU runtime runs a loop body whose buffers are all small
     (<= 512 bytes) inline, which for small systems makes a step several times cheaper.
-    ``integrate`` drives ``solve``, or ``step`` under ``backprop.checkpointed_while``; the
-    adjoint's batched backward solve drives ``step`` itself.
+    ``integrate`` drives ``solve`` for such small systems, and ``step`` otherwise, under
+    ``lax.while_loop`` or ``backprop.checkpointed_while``; the adjoint's batched backward
+    solve drives ``step`` itself.
 
     Args:
         field: the vector field on flat states, ``(n,), scalar -> (n,)``.
@@ -275,7 +316,7 @@ def make_loop(
             new = new._replace(nfe=new.nfe + in_step.astype(int_) * len(tableau.extra_c))
         else:
             coeffs = coefficients(at, at.stages, new.f)
-        write = _write_masked if differentiable else _write_while
+        write = _write_masked if differentiable else _write_while  # transposable, or cheaper
         ys, i_out = write(new.ys, i, s_ts, at, coeffs, tableau.dense_nested)
         return new._replace(ys=ys, i_out=i_out), at.record
 
