@@ -126,8 +126,10 @@ def initial_step(field: Field, t0, y0, f0, span, order: int, rtol, atol, segment
     """The first step size (Hairer, Nørsett & Wanner, *Solving ODEs I*, II.4), at most ``span``.
 
     Uses one evaluation of ``field`` beyond ``f0 = f(y0, t0)``: an explicit Euler step of
-    ``h0 = 0.01 ‖y0‖ / ‖f0‖`` estimates the second derivative, and ``h1`` makes the local
-    error of order ``order`` about 0.01.
+    ``h0 = 0.01 ‖y0‖ / ‖f0‖`` estimates the second derivative ``d2``, and
+    ``h1 = (0.01 / max(‖f0‖, d2))^(1/p)`` with ``p = order`` (the exponent of Hairer's ``HINIT``
+    in DOPRI5 and DOP853, ``IORD``; scipy's ``1/(error_estimator_order + 1)`` is the same
+    number): ``1/5`` for the 5(4) pairs, ``1/8`` for DOP853, ``1/3`` for Bogacki–Shampine.
     """
     scale = atol + jnp.abs(y0) * rtol
     d0 = rms_norm(y0 / scale, segments)
@@ -140,6 +142,6 @@ def initial_step(field: Field, t0, y0, f0, span, order: int, rtol, atol, segment
     h1 = jnp.where(
         dmax <= 1e-15,
         jnp.maximum(1e-6, h0 * 1e-3),
-        (0.01 / jnp.where(dmax > 0, dmax, 1)) ** (1.0 / (order + 1)),
+        (0.01 / jnp.where(dmax > 0, dmax, 1)) ** (1.0 / order),
     )
     return jnp.minimum(jnp.minimum(100 * h0, h1), span)
