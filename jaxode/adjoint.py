@@ -208,6 +208,7 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
 
     init = jax.vmap(lambda *a: loop_for(*a).init())(ys, ct_ys, dt0s)
     states, ct_theta = jax.lax.while_loop(running_all, body, (init, jnp.zeros_like(theta)))
+    states = jax.vmap(lambda s, *a: loop_for(*a).finish(s))(states, ys, ct_ys, dt0s)
     y = states.y
     f_out = jax.vmap(jax.vmap(lambda yi, ti: field(yi, ti.astype(dtype), diff, nondiff)), (0, None))
     ct_t = jnp.sum(ct_ys[:, 1:] * f_out(ys[:, 1:], ts[1:]), axis=2)

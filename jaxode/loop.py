@@ -62,8 +62,9 @@ class LoopState(NamedTuple):
     i_out: Array  # index of the next output time
     num_accepted: Array
     num_rejected: Array
-    nfe: Array  # field evaluations
-    status: Array  # errors.SUCCESS, or the failure
+    nfe: Array  # field evaluations besides the step attempts' (all of them after ``Loop.finish``)
+    finite: Array  # whether the last step attempt (its state and error) was finite
+    status: Array  # errors.SUCCESS, or the failure; set by ``Loop.finish`` (``Loop.failure`` before)
 
 
 class Attempt(NamedTuple):
@@ -97,6 +98,7 @@ class Loop(NamedTuple):
     init: Callable[[], LoopState]
     step: Callable[[LoopState], tuple[LoopState, StepRecord]]
     running: Callable[[LoopState], Array]
+    finish: Callable[[LoopState], LoopState]
     solve: Callable[[], LoopState]
 
 
@@ -116,8 +118,9 @@ def integrate(field, y0, ts, rtol, atol, dt0, *, tableau, max_steps, differentia
     body = lambda state: loop.step(state)[0]  # noqa: E731
     if differentiable:
         stages = tableau.num_stages
-        return checkpointed_while(loop.running, body, loop.init(), max_steps, residual_ratio=stages)
-    flat = lambda: lax.while_loop(loop.running, body, loop.init())  # noqa: E731
+        state = checkpointed_while(loop.running, body, loop.init(), max_steps, residual_ratio=stages)
+        return loop.finish(state)
+    flat = lambda: loop.finish(lax.while_loop(loop.running, body, loop.init()))  # noqa: E731
     if tableau.num_stages * y0.size * y0.dtype.itemsize > _INLINE_BYTES:
         return flat()
     return _vmapped_as(loop.solve, flat)
@@ -227,12 +230,12 @@ def make_loop(
             t=s_ts[0], y=y0, f=f0, h=jnp.asarray(h0, dtype), ratio_prev=jnp.ones((), dtype),
             ys=ys, i_out=jnp.ones((), int_), num_accepted=jnp.zeros((), int_),
             num_rejected=jnp.zeros((), int_), nfe=jnp.asarray(nfe0, int_),
-            status=jnp.asarray(errors.SUCCESS, int_),
+            finite=jnp.ones((), bool), status=jnp.asarray(errors.SUCCESS, int_),
         )
 
-    def attempt(state: LoopState, target, final) -> tuple[LoopState, Attempt]:
-        """One step attempt towards ``target`` (clipped to end on it); ``final``: whether
-        ``target`` is the last output time. Leaves ``ys`` and ``i_out`` alone."""
+    def attempt(state: LoopState, target) -> tuple[LoopState, Attempt]:
+        """One step attempt towards ``target`` (clipped to end on it). Leaves ``ys``,
+        ``i_out`` and ``status`` alone."""
         t, y, h = state.t, state.y, state.h
         landed = t + h >= target - 64 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
         h_used = jnp.where(landed, target - t, h)
@@ -247,12 +250,7 @@ def make_loop(
         else:
             ratio = jnp.zeros((), dtype)
             accept = finite
-        nfe = state.nfe + tableau.num_stages - 1
-        if tableau.fsal:
-            f_new = step.f_new
-        else:
-            f_new = g(step.y_new, t_new)
-            nfe = nfe + 1
+        f_new = step.f_new if tableau.fsal else g(step.y_new, t_new)
         h_next = h
         if tableau.adaptive:
             factor = step_factor(ratio, state.ratio_prev, accept, tableau.error_order)
@@ -261,12 +259,6 @@ def make_loop(
             h_next = lax.stop_gradient(h_next)
         num_accepted = state.num_accepted + accept.astype(int_)
         num_rejected = state.num_rejected + (~accept).astype(int_)
-        # a step too small to move t (rejected, or accepted with t frozen) ends the solve
-        tiny = h_next <= 16 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
-        status = _status(
-            state.status, tableau.adaptive, accept, finite, tiny, ~(accept & landed & final),
-            num_accepted + num_rejected >= max_steps,
-        )
         new_state = state._replace(
             t=jnp.where(accept, t_new, t),
             y=jnp.where(accept, step.y_new, y),
@@ -275,8 +267,7 @@ def make_loop(
             ratio_prev=jnp.where(accept, ratio, state.ratio_prev),
             num_accepted=num_accepted,
             num_rejected=num_rejected,
-            nfe=nfe,
-            status=status,
+            finite=finite,
         )
         record = StepRecord(
             inputs=jnp.stack(step.inputs),
@@ -299,7 +290,7 @@ def make_loop(
     def step(state: LoopState) -> tuple[LoopState, StepRecord]:
         i = state.i_out
         if stop_at_outputs:
-            new, at = attempt(state, s_ts[i], i == num_out - 1)
+            new, at = attempt(state, s_ts[i])
             arrived = at.accept & at.landed
             ys = new.ys
             if ys is not None:
@@ -307,7 +298,7 @@ def make_loop(
             if jump is not None:
                 new = arrive(new, i, arrived)
             return new._replace(ys=ys, i_out=i + arrived.astype(int_)), at.record
-        new, at = attempt(state, s_ts[-1], True)
+        new, at = attempt(state, s_ts[-1])
         in_step = at.accept & (s_ts[jnp.minimum(i, num_out - 1)] <= at.t_new)
         if tableau.extra_c:  # costly extra stages: only when an output needs them
             degree = len(tableau.dense[0])
@@ -317,25 +308,49 @@ def make_loop(
         else:
             coeffs = coefficients(at, at.stages, new.f)
         write = _write_masked if differentiable else _write_while  # transposable, or cheaper
-        ys, i_out = write(new.ys, i, s_ts, at, coeffs, tableau.dense_nested)
+        ys, i_out = write(new.ys, i, s_ts, at.accept, at, coeffs, tableau.dense_nested)
         return new._replace(ys=ys, i_out=i_out), at.record
 
-    def running(state: LoopState) -> Array:
-        return (state.i_out < num_out) & (state.status == errors.SUCCESS)
+    def failure(state: LoopState, target) -> Array:
+        """Why the solve cannot go on towards ``target`` (``errors`` codes), read off its state:
+        a step too small to move ``t`` (which a non-finite field brings about by shrinking the
+        step; for a fixed-step method, a non-finite state at once), or ``max_steps`` spent."""
+        if tableau.adaptive:
+            tiny = state.h <= 16 * eps * jnp.maximum(jnp.abs(state.t), jnp.abs(target))
+            code = jnp.where(tiny, jnp.where(state.finite, errors.STEP_SIZE_UNDERFLOW, errors.NONFINITE), 0)
+        else:
+            code = jnp.where(state.finite, errors.SUCCESS, errors.NONFINITE)
+        out_of_steps = state.num_accepted + state.num_rejected >= max_steps
+        return jnp.where((code == errors.SUCCESS) & out_of_steps, errors.MAX_STEPS_REACHED, code).astype(int_)
 
-    def step_until(state: LoopState, until, clip_to, final, last: _LastStep | None):
+    def next_target(state: LoopState) -> Array:
+        return s_ts[jnp.minimum(state.i_out, num_out - 1)] if stop_at_outputs else s_ts[-1]
+
+    def running(state: LoopState) -> Array:
+        return (state.i_out < num_out) & (failure(state, next_target(state)) == errors.SUCCESS)
+
+    def finish(state: LoopState) -> LoopState:
+        """The final state with its ``status``, and its ``nfe`` counting the step attempts'."""
+        failed = failure(state, next_target(state))
+        per_attempt = tableau.num_stages - (1 if tableau.fsal else 0)
+        return state._replace(
+            status=jnp.where(state.i_out < num_out, failed, errors.SUCCESS).astype(int_),
+            nfe=state.nfe + per_attempt * (state.num_accepted + state.num_rejected),
+        )
+
+    def step_until(state: LoopState, until, clip_to, last: _LastStep | None):
         """The inner loop: steps (each clipped to end at ``clip_to`` at the latest) until
         ``state.t`` reaches ``until`` or the solve fails; with ``last``, also returns the last
         step (the accepted one that got there). Carries nothing of size ``T``."""
 
         def body(carry):
-            new, at = attempt(carry[0], clip_to, final)
+            new, at = attempt(carry[0], clip_to)
             if last is None:
                 return (new,)
             dense = at.stages if tableau.extra_c else coefficients(at, at.stages, new.f)
             return new, _LastStep(at.t, at.h, at.t_new, at.y, at.y_new, dense)
 
-        more = lambda carry: (carry[0].status == errors.SUCCESS) & (carry[0].t < until)  # noqa: E731
+        more = lambda carry: (carry[0].t < until) & (failure(carry[0], clip_to) == errors.SUCCESS)  # noqa: E731
         carry = (state._replace(ys=None),) + ((last,) if last is not None else ())
         carry = lax.while_loop(more, body, carry)
         return carry[0]._replace(ys=state.ys), (carry[1] if last is not None else None)
@@ -352,41 +367,37 @@ def make_loop(
             def outer(state):
                 i = state.i_out
                 target = lax.dynamic_index_in_dim(s_ts, i, keepdims=False)
-                new, _ = step_until(state, target, target, i == num_out - 1, None)
-                arrived = new.status == errors.SUCCESS
+                new, _ = step_until(state, target, target, None)
+                arrived = new.t >= target
                 new = new._replace(ys=write(new.ys, i, arrived, new.y))
                 if jump is not None:
                     new = arrive(new, i, arrived)
                 return new._replace(i_out=i + arrived.astype(int_))
 
-            return lax.while_loop(running, outer, state)
+            return finish(lax.while_loop(running, outer, state))
 
         degree = 3 if tableau.dense is None else len(tableau.dense[0])
-        dense_shape = (tableau.num_stages if tableau.extra_c else degree, n)
-        one = jnp.ones((), dtype)
-        last = _LastStep(state.t, one, state.t, y0, y0, jnp.zeros(dense_shape, dtype))
-        coeffs = jnp.zeros((degree, n), dtype)  # with extra stages: those of the last output's step
+        dense_rows = tableau.num_stages if tableau.extra_c else degree
+        one, s_end = jnp.ones((), dtype), s_ts[-1]
+        last = _LastStep(state.t, one, state.t, y0, y0, jnp.zeros((dense_rows, n), dtype))
 
         def outer(carry):
-            state, last, coeffs = carry
+            state, last = carry
             i = state.i_out
             target = lax.dynamic_index_in_dim(s_ts, i, keepdims=False)
-            new, last = step_until(state, target, s_ts[-1], True, last)
-            arrived = new.status == errors.SUCCESS
+            new, last = step_until(state, target, s_end, last)
+            arrived = new.t >= target  # else the solve failed
             if tableau.extra_c:  # the extra stages once per step with outputs
-                fresh = arrived & (new.num_accepted != state.num_accepted)
-                coeffs = lax.cond(fresh, lambda: coefficients(last, last.dense, new.f), lambda: coeffs)
-                new = new._replace(nfe=new.nfe + fresh.astype(int_) * len(tableau.extra_c))
+                coeffs = coefficients(last, last.dense, new.f)
+                new = new._replace(nfe=new.nfe + arrived.astype(int_) * len(tableau.extra_c))
             else:
                 coeffs = last.dense
-            value = evaluate(last.y, coeffs, (target - last.t) / last.h, tableau.dense_nested)
-            value = jnp.where(target == last.t_new, last.y_new, value)
-            new = new._replace(ys=write(new.ys, i, arrived, value), i_out=i + arrived.astype(int_))
-            return new, last, coeffs
+            ys, i_out = _write_while(new.ys, i, s_ts, arrived, last, coeffs, tableau.dense_nested)
+            return new._replace(ys=ys, i_out=i_out), last
 
-        return lax.while_loop(lambda carry: running(carry[0]), outer, (state, last, coeffs))[0]
+        return finish(lax.while_loop(lambda carry: running(carry[0]), outer, (state, last))[0])
 
-    return Loop(init, step, running, solve)
+    return Loop(init, step, running, finish, solve)
 
 
 def _next_step_size(h, h_used, factor, accept, landed_at_stop):
@@ -397,21 +408,11 @@ def _next_step_size(h, h_used, factor, accept, landed_at_stop):
     return jnp.where(accept | (h_next < h), h_next, h)
 
 
-def _status(status, adaptive: bool, accept, finite, tiny, unfinished, out_of_steps):
-    """The loop's status after a step attempt (``errors`` codes; the first failure stays)."""
-    if adaptive:  # a non-finite value makes the step shrink until it is tiny
-        failure = jnp.where(~accept & ~finite, errors.NONFINITE, errors.STEP_SIZE_UNDERFLOW)
-        status = jnp.where(tiny & unfinished, failure, status)
-    else:
-        status = jnp.where(~finite, errors.NONFINITE, status)
-    unfinished = unfinished & (status == errors.SUCCESS)
-    return jnp.where(unfinished & out_of_steps, errors.MAX_STEPS_REACHED, status).astype(jnp.int32)
-
-
-def _write_while(ys, i_out, s_ts, at: Attempt, coeffs, nested):
-    """Writes the outputs in ``(t, t_new]`` one by one (cost: the outputs in this step)."""
+def _write_while(ys, i_out, s_ts, accept, step: Attempt | _LastStep, coeffs, nested):
+    """Writes the outputs in ``step``'s ``(t, t_new]`` one by one, if ``accept`` (cost: the
+    outputs in this step)."""
     num_out = s_ts.shape[0]
-    accept, t, h, t_new, y, y_new = at.accept, at.t, at.h, at.t_new, at.y, at.y_new
+    t, h, t_new, y, y_new = step.t, step.h, step.t_new, step.y, step.y_new
 
     def more(carry):
         i, _ = carry
@@ -419,16 +420,18 @@ def _write_while(ys, i_out, s_ts, at: Attempt, coeffs, nested):
 
     def write(carry):
         i, ys = carry
-        value = jnp.where(s_ts[i] == t_new, y_new, evaluate(y, coeffs, (s_ts[i] - t) / h, nested))
-        return i + 1, ys.at[i].set(value)
+        s_i = lax.dynamic_index_in_dim(s_ts, i, keepdims=False)
+        value = jnp.where(s_i == t_new, y_new, evaluate(y, coeffs, (s_i - t) / h, nested))
+        return i + 1, lax.dynamic_update_index_in_dim(ys, value, i, 0)
 
     i_out, ys = lax.while_loop(more, write, (i_out, ys))
     return ys, i_out
 
 
-def _write_masked(ys, i_out, s_ts, at: Attempt, coeffs, nested):
-    """Writes the outputs in ``(t, t_new]`` by masking all of them (reverse-differentiable)."""
-    accept, t, h, t_new, y, y_new = at.accept, at.t, at.h, at.t_new, at.y, at.y_new
+def _write_masked(ys, i_out, s_ts, accept, step: Attempt, coeffs, nested):
+    """Writes the outputs in ``step``'s ``(t, t_new]``, if ``accept``, by masking all of them
+    (reverse-differentiable)."""
+    t, h, t_new, y, y_new = step.t, step.h, step.t_new, step.y, step.y_new
     inside = accept & (s_ts > t) & (s_ts <= t_new)
     theta = jnp.clip((s_ts - t) / h, 0, 1)
     values = jax.vmap(lambda th: evaluate(y, coeffs, th, nested))(theta)
