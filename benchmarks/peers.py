@@ -351,19 +351,24 @@ def forward_cases(w: W.Workload) -> list[tuple[str, Callable[[], Case]]]:
 
 
 def jaxode_grad_fn(f, solver: str, mode: str, seminorm: bool = False, vmap: bool = False,
-                   max_steps: int = MAX_STEPS):
-    """A jitted ``fn(params, z0, ts, rtol, atol) -> ((loss, ys), grads)`` (tolerances traced)."""
+                   max_steps: int = MAX_STEPS, batched: bool = False):
+    """A jitted ``fn(params, z0, ts, rtol, atol) -> ((loss, ys), grads)`` (tolerances traced).
+
+    ``vmap``: ``jax.vmap`` of the solve over the samples; ``batched``: ``batched=True`` (the
+    same per-sample steps, one shared parameter adjoint)."""
     import jax
 
     import jaxode
 
     def solve(z0, ts, p, rtol, atol):
         return jaxode.odesolve(f, z0, ts, p, solver=solver, rtol=rtol, atol=atol, gradient=mode,
-                               adjoint_seminorm=seminorm, max_steps=max_steps)
+                               adjoint_seminorm=seminorm, max_steps=max_steps, batched=batched)
 
     def loss(p, z0, ts, rtol, atol):
         if vmap:  # per-sample solves: ys (batch, T, 32) -> (T, batch, 32)
             ys = jax.vmap(lambda z: solve(z, ts, p, rtol, atol))(z0).swapaxes(0, 1)
+        elif batched:
+            ys = solve(z0, ts, p, rtol, atol).swapaxes(0, 1)
         else:
             ys = solve(z0, ts, p, rtol, atol)
         return W.mlp_loss(ys), ys
@@ -376,14 +381,16 @@ def _grad_to_numpy(out):
     return float(loss), np.asarray(ys), [np.asarray(g) for g in grads]
 
 
-def jaxode_grad(w: W.Workload, solver: str, mode: str, seminorm: bool = False, vmap: bool = False) -> Case:
+def jaxode_grad(w: W.Workload, solver: str, mode: str, seminorm: bool = False, vmap: bool = False,
+                batched: bool = False) -> Case:
     z0, ts, params = jax_data(w)
 
     def build(f):
-        fn = jaxode_grad_fn(f, solver, mode, seminorm, vmap)
+        fn = jaxode_grad_fn(f, solver, mode, seminorm, vmap, batched=batched)
         return lambda: _block(fn(params, z0, ts, w.rtol, w.atol))
 
     method = f"{solver} {mode}" + (" seminorm" if seminorm else "") + (" vmap" if vmap else "")
+    method += " batched=True" if batched else ""
     return Case("jaxode", method, build(w.f), _grad_to_numpy, _jax_count(build, w.f))
 
 

@@ -208,6 +208,8 @@ def task_grad_peers(spec: dict) -> dict:
     rows = _run_cases(cases, lambda out: _check_grad(w, out, ref_traj, ref_grad), spec["repeats"])
     vmap_cases = [(f"jaxode {s} adjoint vmap", lambda s=s: P.jaxode_grad(w, s, "adjoint", vmap=True))
                   for s in solvers]
+    vmap_cases += [(f"jaxode {s} adjoint batched=True",
+                    lambda s=s: P.jaxode_grad(w, s, "adjoint", batched=True)) for s in solvers]
     if P.available("diffrax") and spec.get("diffrax_vmap", True):
         vmap_cases.append(("diffrax dopri5 BacksolveAdjoint vmap",
                            lambda: P.diffrax_grad(w, "dopri5", "backsolve", vmap=True)))

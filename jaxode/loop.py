@@ -15,11 +15,13 @@ A solve backwards in time (decreasing ``ts``) runs forwards in ``s = -t`` with t
 ``errors``): more than ``max_steps`` steps, a step size that underflows, a non-finite state.
 Outputs not reached stay NaN.
 
-The step attempt is shared by two drivers: ``Loop.solve``, nested ``lax.while_loop``s (over
-the output times, and over the steps up to the next one) for a solve that is not
-reverse-differentiated, and ``backprop.checkpointed_while`` (nested, checkpointed scans) over
-``Loop.step`` for ``gradient="backprop"``; there outputs are written by masking so that the
-whole body can be transposed, and step sizes are held constant under differentiation.
+The step attempt is shared by three drivers: ``Loop.solve``, nested ``lax.while_loop``s (over
+the output times, and over the steps up to the next one), for a small system that is not
+reverse-differentiated; a flat ``lax.while_loop`` over ``Loop.step`` for a large one, and under
+``jax.vmap`` (each problem then steps on without waiting for the others at each output time);
+and ``backprop.checkpointed_while`` (nested, checkpointed scans) over ``Loop.step`` for
+``gradient="backprop"``, where outputs are written by masking so that the whole body can be
+transposed, and step sizes are held constant under differentiation.
 """
 
 from __future__ import annotations
@@ -121,9 +123,15 @@ def integrate(field, y0, ts, rtol, atol, dt0, *, tableau, max_steps, differentia
         state = checkpointed_while(loop.running, body, loop.init(), max_steps, residual_ratio=stages)
         return loop.finish(state)
     flat = lambda: loop.finish(lax.while_loop(loop.running, body, loop.init()))  # noqa: E731
-    if tableau.num_stages * y0.size * y0.dtype.itemsize > _INLINE_BYTES:
+    if _is_large(tableau, y0):
         return flat()
     return _vmapped_as(loop.solve, flat)
+
+
+def _is_large(tableau: ButcherTableau, y0) -> bool:
+    """Whether a step's stages exceed ``_INLINE_BYTES``: then its cost is the field's, and the
+    flat driver runs it."""
+    return tableau.num_stages * y0.size * y0.dtype.itemsize > _INLINE_BYTES
 
 
 def _vmapped_as(fn: Callable[[], Any], vmappable: Callable[[], Any]):
@@ -170,16 +178,20 @@ def make_loop(
     save_outputs: bool = True,
     segments: tuple | None = None,
     differentiable: bool = False,
+    looped_stages: bool = False,
 ) -> Loop:
     """The loop for ``y' = field(y, t)``, ``y(ts[0]) = y0``.
 
     Returns a ``Loop``: ``init()`` builds the first state (evaluating ``field`` once or twice);
     ``step(state) -> (state, StepRecord)`` makes one step attempt and writes the outputs it
-    reaches; ``running(state)`` says whether the loop goes on; ``solve()`` runs the whole
-    solve as two nested ``lax.while_loop``s, an outer one over the output times and an inner
-    one stepping up to the next of them. The inner loop carries only the state of size ``n``
-    (no outputs, no ``ts``): XLA's CPU runtime runs a loop body whose buffers are all small
-    (<= 512 bytes) inline, which for small systems makes a step several times cheaper.
+    reaches; ``running(state)`` says whether the loop goes on (failures are read off the
+    state, not tracked step by step); ``finish(state)`` sets the final ``status`` and
+    ``nfe``; ``solve()`` runs the whole solve as two nested ``lax.while_loop``s, an outer one
+    over the output times (writing all outputs inside the step that reached the next one)
+    and an inner one stepping up to the next of them. The inner loop carries only the state
+    of size ``n`` (no outputs, no ``ts``): XLA's CPU runtime runs a loop body inline when its
+    buffers are all small (<= 512 bytes) or it has at most 8 operations, which for small
+    systems makes a step several times cheaper.
     ``integrate`` drives ``solve`` for such small systems, and ``step`` otherwise, under
     ``lax.while_loop`` or ``backprop.checkpointed_while``; the adjoint's batched backward
     solve drives ``step`` itself.
@@ -200,8 +212,12 @@ def make_loop(
             max (default: all of ``y``).
         differentiable: write outputs by masking and hold step sizes constant under
             differentiation (for the reverse-differentiable driver).
+        looped_stages: for a large system, evaluate the stages in a loop (``rk_step``'s
+            ``looped``): one copy of ``field`` to compile. The adjoint's backward solve asks
+            for it: there ``field`` is a ``vjp`` of the user's field, costly to compile.
     """
     n = y0.shape[0]
+    large = _is_large(tableau, y0)
     segments = ((0, n),) if segments is None else segments
     stop_at_outputs = jump is not None or not tableau.adaptive
     dtype = y0.dtype
@@ -240,7 +256,7 @@ def make_loop(
         landed = t + h >= target - 64 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
         h_used = jnp.where(landed, target - t, h)
         t_new = jnp.where(landed, target, t + h_used)
-        step = rk_step(tableau, g, t, y, h_used, state.f, t_new)
+        step = rk_step(tableau, g, t, y, h_used, state.f, t_new, looped=looped_stages and large)
         finite = jnp.all(jnp.isfinite(step.y_new))
         if tableau.adaptive:
             ratio = error_ratio(step, y, rtol, atol, segments)
