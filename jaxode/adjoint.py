@@ -126,7 +126,7 @@ def backward(field: FlatField, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0, cf
     parts = ((0, n), (n, 2 * n)) if cfg.seminorm else ((0, n), (n, 2 * n), (2 * n, 2 * n + p + 1))
     state = integrate(
         augmented, y_init, ts[::-1], rtol, atol, dt0, tableau=cfg.tableau,
-        max_steps=cfg.max_steps, jump=jump, save_outputs=False, segments=parts, looped_stages=True,
+        max_steps=cfg.max_steps, jump=jump, save_outputs=False, segments=parts,
     )
     y = state.y
     fs = jax.vmap(lambda yi, ti: field(yi, ti.astype(ys.dtype), diff, nondiff))(ys[1:], ts[1:])

@@ -178,7 +178,6 @@ def make_loop(
     save_outputs: bool = True,
     segments: tuple | None = None,
     differentiable: bool = False,
-    looped_stages: bool = False,
 ) -> Loop:
     """The loop for ``y' = field(y, t)``, ``y(ts[0]) = y0``.
 
@@ -212,12 +211,8 @@ def make_loop(
             max (default: all of ``y``).
         differentiable: write outputs by masking and hold step sizes constant under
             differentiation (for the reverse-differentiable driver).
-        looped_stages: for a large system, evaluate the stages in a loop (``rk_step``'s
-            ``looped``): one copy of ``field`` to compile. The adjoint's backward solve asks
-            for it: there ``field`` is a ``vjp`` of the user's field, costly to compile.
     """
     n = y0.shape[0]
-    large = _is_large(tableau, y0)
     segments = ((0, n),) if segments is None else segments
     stop_at_outputs = jump is not None or not tableau.adaptive
     dtype = y0.dtype
@@ -256,7 +251,7 @@ def make_loop(
         landed = t + h >= target - 64 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
         h_used = jnp.where(landed, target - t, h)
         t_new = jnp.where(landed, target, t + h_used)
-        step = rk_step(tableau, g, t, y, h_used, state.f, t_new, looped=looped_stages and large)
+        step = rk_step(tableau, g, t, y, h_used, state.f, t_new)
         finite = jnp.all(jnp.isfinite(step.y_new))
         if tableau.adaptive:
             ratio = error_ratio(step, y, rtol, atol, segments)

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax.numpy as jnp
-import numpy as np
-from jax import Array, lax
+from jax import Array
 
 from .tableaus import ButcherTableau
 
@@ -57,46 +56,20 @@ def stage_times(tableau: ButcherTableau, t, h, t_new) -> list:
     return [t_new if c == 1 else jnp.minimum(t + c * h, t_new) for c in tableau.c]
 
 
-def rk_step(tableau: ButcherTableau, field: Field, t, y, h, f0, t_new=None, looped: bool = False) -> Step:
+def rk_step(tableau: ButcherTableau, field: Field, t, y, h, f0, t_new=None) -> Step:
     """One step of ``tableau`` from ``(t, y)`` with step ``h``, reusing ``f0 = f(y, t)``.
 
     ``t_new``: the time the step ends at (default ``t + h``); stages never go past it.
-    ``looped``: evaluate the stages in a ``lax.fori_loop`` (``y_i = y + h A[i] @ K``) rather
-    than unrolled: the compiled program then holds one copy of ``field`` instead of ``s - 1``,
-    which for a large field (a neural network, its ``vjp``) shortens compilation much; the
-    unrolled stages skip the zeros of ``A`` and cost fewer operations per step.
     """
     times = stage_times(tableau, t, h, t + h if t_new is None else t_new)
-    if looped:
-        ks, inputs = _looped_stages(tableau, field, times, y, h, f0)
-    else:
-        ks, inputs = [f0], [y]
-        for a_i, t_i in zip(tableau.a, times[1:]):
-            inputs.append(y + h * weighted_sum(a_i, ks))
-            ks.append(field(inputs[-1], t_i))
+    ks, inputs = [f0], [y]
+    for a_i, t_i in zip(tableau.a, times[1:]):
+        inputs.append(y + h * weighted_sum(a_i, ks))
+        ks.append(field(inputs[-1], t_i))
     y_new = y + h * weighted_sum(tableau.b, ks)
     error = None if tableau.b_error is None else h * weighted_sum(tableau.b_error, ks)
     error3 = None if tableau.b_error3 is None else h * weighted_sum(tableau.b_error3, ks)
     return Step(y_new, ks[-1] if tableau.fsal else None, error, error3, ks, inputs)
-
-
-def _looped_stages(tableau: ButcherTableau, field: Field, times, y, h, f0) -> tuple[list, list]:
-    """The stage derivatives and inputs of ``rk_step`` by a loop over the stages."""
-    s = tableau.num_stages
-    a = np.zeros((s, s))
-    for i, row in enumerate(tableau.a, start=1):
-        a[i, : len(row)] = row
-    a, times = jnp.asarray(a, y.dtype), jnp.stack(times)
-
-    def stage(i, carry):
-        ks, inputs = carry
-        y_i = y + h * jnp.tensordot(a[i], ks, axes=1)
-        return ks.at[i].set(field(y_i, times[i])), inputs.at[i].set(y_i)
-
-    ks = jnp.zeros((s,) + y.shape, y.dtype).at[0].set(f0)
-    inputs = jnp.zeros_like(ks).at[0].set(y)
-    ks, inputs = lax.fori_loop(1, s, stage, (ks, inputs))
-    return list(ks), list(inputs)
 
 
 def rms_norm(x, segments) -> Array:
