@@ -484,6 +484,7 @@ def grad_cases(w: W.Workload) -> list[tuple[str, Callable[[], Case]]]:
         out.append((f"jaxode {s} adjoint", lambda s=s: jaxode_grad(w, s, "adjoint")))
         out.append((f"jaxode {s} adjoint seminorm", lambda s=s: jaxode_grad(w, s, "adjoint", True)))
         out.append((f"jaxode {s} backprop", lambda s=s: jaxode_grad(w, s, "backprop")))
+        out.append((f"jaxode {s} checkpoint", lambda s=s: jaxode_grad(w, s, "checkpoint")))
     if available("diffrax"):
         for s in w.solvers:
             out.append((f"diffrax {s} BacksolveAdjoint", lambda s=s: diffrax_grad(w, s, "backsolve")))

@@ -219,7 +219,8 @@ def task_grad_peers(spec: dict) -> dict:
 
 
 def task_adjoint_grid(spec: dict) -> dict:
-    """Adjoint suite: jaxode adjoint / adjoint+seminorm / backprop over horizons x tolerances."""
+    """Adjoint suite: jaxode adjoint / adjoint+seminorm / backprop / checkpoint over horizons x
+    tolerances."""
     import jax
     import jax.numpy as jnp
     import peers as P
@@ -230,7 +231,7 @@ def task_adjoint_grid(spec: dict) -> dict:
     w = W.mlp_batch(batch)
     z0, _, params = P.jax_data(w)
     jax_backend_warmup()
-    modes = [("adjoint", False), ("adjoint", True), ("backprop", False)]
+    modes = [("adjoint", False), ("adjoint", True), ("backprop", False), ("checkpoint", False)]
     fns = {m: P.jaxode_grad_fn(w.f, solver, m[0], m[1]) for m in modes}
     fwd = jax.jit(lambda z0, ts, p, tol: jaxode.odesolve(
         w.f, z0, ts, p, solver=solver, rtol=tol, atol=tol, max_steps=P.MAX_STEPS, full_output=True))
@@ -482,6 +483,7 @@ def memory_cases(cfg: Config) -> list[dict]:
         if not cfg.quick:
             cases.append({"library": "jaxode", "mode": "adjoint", "seminorm": True, "t1": t1})
         cases.append({"library": "jaxode", "mode": "backprop", "t1": t1})
+        cases.append({"library": "jaxode", "mode": "checkpoint", "t1": t1})
         if P.available("diffrax") and not cfg.quick:
             cases += [{"library": "diffrax", "mode": "backsolve", "t1": t1},
                       {"library": "diffrax", "mode": "recursive", "t1": t1}]

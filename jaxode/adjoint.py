@@ -30,11 +30,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import Array
 from jax.flatten_util import ravel_pytree
 
 from . import errors
+from .backprop import zero_cotangent
 from .loop import LoopState, integrate, make_loop
 from .tableaus import ButcherTableau
 
@@ -84,13 +84,13 @@ def info_of(state: LoopState, extra_nfe: int = 0) -> Info:
 
 def forward(
     field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, cfg: Config,
-    differentiable: bool = False, last_step: bool = False,
+    gradient: str | None = None, last_step: bool = False,
 ):
     """The plain solve: ``(ys, info)`` with ``ys`` of shape ``(len(ts), n)`` (and, with
     ``last_step``, the step size the controller proposed at the end)."""
     state = integrate(
         lambda y, t: field(y, t, diff, nondiff), y0, ts, rtol, atol, dt0,
-        tableau=cfg.tableau, max_steps=cfg.max_steps, differentiable=differentiable,
+        tableau=cfg.tableau, max_steps=cfg.max_steps, gradient=gradient,
     )
     return (state.ys, info_of(state)) + ((state.h,) if last_step else ())
 
@@ -218,14 +218,6 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
     return y[:, n : 2 * n], ct_ts, unravel(ct_theta), info
 
 
-def _zero_cotangent(x):
-    if x is None:
-        return None
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(jnp.shape(x), jax.dtypes.float0)
-
-
 def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol, cfg: Config):
     """``(ys, info)`` whose reverse-mode derivative is given by the backward adjoint solve."""
 
@@ -255,7 +247,7 @@ def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol
             nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x)  # noqa: E731
             ct_y0, ct_ts, ct_diff = jax.tree_util.tree_map(nan_if_failed, (ct_y0, ct_ts, ct_diff))
         unused = (nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
-        zeros = jax.tree_util.tree_map(_zero_cotangent, unused)
+        zeros = jax.tree_util.tree_map(zero_cotangent, unused)
         return (ct_y0, ct_ts, ct_diff) + zeros
 
     _solve.defvjp(_fwd, _bwd)

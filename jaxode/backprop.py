@@ -1,4 +1,7 @@
-"""A reverse-differentiable while loop, for ``gradient="backprop"``.
+"""Reverse-differentiable while loops: ``checkpointed_while`` for ``gradient="backprop"``,
+``custom_vjp_while`` for ``gradient="checkpoint"``.
+
+**checkpointed_while** (reverse and forward mode).
 
 JAX cannot transpose a ``lax.while_loop`` whose trip count depends on the data, and a
 ``lax.scan`` over ``max_steps`` iterations would pay for ``max_steps`` steps and store all of
@@ -21,16 +24,36 @@ the vector field's own intermediates):
 Under ``jax.vmap`` the skip predicates become batched and ``lax.cond`` turns into a select, so
 there the cost is that of ``max_steps`` steps: batch the initial conditions into one state, or
 lower ``max_steps``, when differentiating a vmapped solve in backprop mode.
+
+**custom_vjp_while** (reverse mode only) computes the same derivative with a ``jax.custom_vjp``
+around a plain ``lax.while_loop``, whose cost does not depend on ``max_steps``:
+
+* forward: ``N`` bodies; the carry is copied into one of ``K`` checkpoint slots every
+  ``stride`` iterations, ``stride`` starting at 1 and doubling (every other checkpoint
+  dropped) each time the slots fill up;
+* reverse: the checkpoints are visited last to first; from each, the ``stride`` iterations up
+  to the next one are recomputed into a segment buffer and then differentiated one at a time
+  (``jax.vjp`` of the body). When ``N <= K`` every iteration's carry is a checkpoint and
+  nothing is recomputed beyond the body inside its ``vjp``: the reverse pass costs one body
+  and one transposed body per iteration;
+* memory: ``K + stride_max`` carries, with ``K = 2 ceil(sqrt(max_steps / 2))`` and
+  ``stride_max ≈ 2 max_steps / K``, i.e. ``O(sqrt(max_steps))`` carries, plus one body's
+  residuals.
+
+Under ``jax.vmap`` each element keeps its own checkpoints; the loops run until the last
+element is done.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import jax
-from jax import lax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
 
 State = TypeVar("State")
 
@@ -61,3 +84,178 @@ def checkpointed_while(
         return lax.cond(cond(state), run, lambda s: s, state), None
 
     return lax.scan(run_block, init, None, length=num_blocks)[0]
+
+
+class _Tape(NamedTuple):
+    """What the forward pass of ``custom_vjp_while`` keeps for the reverse pass."""
+
+    slots: list  # the carry's leaves at iterations 0, stride, 2 stride, ..., each (K, ...)
+    count: Array  # slots in use
+    stride: Array  # iterations between checkpoints (a power of 2)
+    steps: Array  # iterations run
+
+
+def custom_vjp_while(
+    cond: Callable[[Any], Array],
+    body: Callable[[Any, Any], tuple[Any, Any]],
+    carry: Any,
+    outputs: Any,
+    max_steps: int,
+    fast_body: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+) -> tuple[Any, Any]:
+    """``while cond(carry): carry, outputs = body(carry, outputs)``, for at most ``max_steps``
+    iterations (``cond`` must say so), reverse-differentiable with respect to ``carry``,
+    ``outputs`` and every array ``cond`` and ``body`` close over.
+
+    ``outputs`` are written by the body and never read by it: they must not affect the new
+    carry, and enter the new outputs linearly with coefficients that do not depend on their
+    value (e.g. ``jnp.where(mask(carry), value(carry), outputs)``). They are therefore not
+    checkpointed. ``fast_body``: the same function, not necessarily transposable (it runs
+    the loop forward; ``body`` is recomputed and differentiated in the reverse pass).
+    Integer and boolean leaves of the carry are carried along without cotangents.
+    """
+    fast_body = body if fast_body is None else fast_body
+    carry_leaves, carry_tree = jax.tree_util.tree_flatten(carry)
+    out_leaves, out_tree = jax.tree_util.tree_flatten(outputs)
+    is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in carry_leaves]
+
+    def hoist(fn, *example):
+        """``fn`` as a function of its closed-over arrays (passed explicitly, as ``custom_vjp``
+        needs) and its flat arguments."""
+        closed, shape = jax.make_jaxpr(fn, return_shape=True)(*example)
+        tree = jax.tree_util.tree_structure(shape)
+
+        def run(consts, *args):
+            flat = jax.tree_util.tree_leaves(args)
+            return jax.tree_util.tree_unflatten(tree, jax.core.eval_jaxpr(closed.jaxpr, consts, *flat))
+
+        return run, closed.consts
+
+    def as_flat(fn):
+        def flat_fn(c, o):
+            new_c, new_o = fn(carry_tree.unflatten(c), out_tree.unflatten(o))
+            return jax.tree_util.tree_leaves(new_c), jax.tree_util.tree_leaves(new_o)
+
+        return flat_fn
+
+    run_body, body_consts = hoist(as_flat(body), carry_leaves, out_leaves)
+    run_fast, fast_consts = hoist(as_flat(fast_body), carry_leaves, out_leaves)
+    run_cond, cond_consts = hoist(lambda c: cond(carry_tree.unflatten(c)), carry_leaves)
+    num_slots = 2 * math.ceil(math.sqrt(max_steps / 2))
+    max_stride = 1
+    while (num_slots - 1) * max_stride < max_steps:  # a stride doubles after K - 1 more of them
+        max_stride *= 2
+
+    def forward_loop(consts, c, o, tape):
+        body_c, fast_c, cond_c = consts
+
+        def step(state):
+            c, o, tape = state
+            if tape is not None:
+                tape = _record(tape, c, num_slots)
+            c, o = run_fast(fast_c, c, o)
+            return c, o, tape
+
+        return lax.while_loop(lambda s: run_cond(cond_c, s[0]), step, (c, o, tape))
+
+    @jax.custom_vjp
+    def run(c, o, consts):
+        return forward_loop(consts, c, o, None)[:2]
+
+    def run_fwd(c, o, consts):
+        slots = [jnp.zeros((num_slots,) + jnp.shape(x), jnp.result_type(x)) for x in c]
+        zero = jnp.zeros((), jnp.int32)
+        c, o, tape = forward_loop(consts, c, o, _Tape(slots, zero, zero + 1, zero))
+        return (c, o), (tape, consts)
+
+    def run_bwd(residuals, cotangents):
+        tape, consts = residuals
+        ct_c, ct_o = cotangents
+        body_c = consts[0]
+        float_consts = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in body_c]
+
+        def vjp_body(c, ct_c, ct_o):
+            """The cotangents of one iteration's inputs from those of its outputs."""
+            static = [x for x, f in zip(c, is_float) if not f]
+            static_consts = [x for x, f in zip(body_c, float_consts) if not f]
+
+            def fn(c_float, o, consts_float):
+                c_all = _merge(is_float, c_float, static)
+                new_c, new_o = run_body(_merge(float_consts, consts_float, static_consts), c_all, o)
+                return [x for x, f in zip(new_c, is_float) if f], new_o
+
+            zeros_o = [jnp.zeros_like(x) for x in ct_o]  # outputs enter linearly: any value will do
+            c_float = [x for x, f in zip(c, is_float) if f]
+            consts_float = [x for x, f in zip(body_c, float_consts) if f]
+            _, vjp = jax.vjp(fn, c_float, zeros_o, consts_float)
+            return vjp((ct_c, ct_o))
+
+        def segment(j, state):
+            """Recomputes and differentiates the iterations from checkpoint ``j`` on."""
+            ct_c, ct_o, ct_consts, buffer = state
+            j = tape.count - 1 - j
+            start = j * tape.stride
+            length = jnp.minimum(tape.stride, tape.steps - start)
+            buffer = [b.at[0].set(s[j]) for b, s in zip(buffer, tape.slots)]
+
+            def recompute(i, buffer):
+                c = [b[i - 1] for b in buffer]
+                new_c, _ = run_body(body_c, c, [jnp.zeros_like(x) for x in ct_o])
+                return [b.at[i].set(x) for b, x in zip(buffer, new_c)]
+
+            buffer = lax.fori_loop(1, length, recompute, buffer)
+
+            def back(k, state):
+                ct_c, ct_o, ct_consts = state
+                c = [b[length - 1 - k] for b in buffer]
+                d_c, d_o, d_consts = vjp_body(c, ct_c, ct_o)
+                return d_c, d_o, [a + d for a, d in zip(ct_consts, d_consts)]
+
+            ct_c, ct_o, ct_consts = lax.fori_loop(0, length, back, (ct_c, ct_o, ct_consts))
+            return ct_c, ct_o, ct_consts, buffer
+
+        ct_c = [x for x, f in zip(ct_c, is_float) if f]
+        ct_consts = [jnp.zeros_like(x) for x, f in zip(body_c, float_consts) if f]
+        buffer = [jnp.zeros((max_stride,) + s.shape[1:], s.dtype) for s in tape.slots]
+        ct_c, ct_o, ct_consts, _ = lax.fori_loop(0, tape.count, segment, (ct_c, ct_o, ct_consts, buffer))
+        float0 = lambda xs: [zero_cotangent(x) for x in xs]  # noqa: E731
+        ct_c = _merge(is_float, ct_c, float0([s[0] for s, f in zip(tape.slots, is_float) if not f]))
+        ct_body = _merge(float_consts, ct_consts, float0([x for x, f in zip(body_c, float_consts) if not f]))
+        return ct_c, ct_o, (ct_body, float0(consts[1]), float0(consts[2]))
+
+    run.defvjp(run_fwd, run_bwd)
+    c, o = run(carry_leaves, out_leaves, (body_consts, fast_consts, cond_consts))
+    return carry_tree.unflatten(c), out_tree.unflatten(o)
+
+
+def _record(tape: _Tape, carry: list, num_slots: int) -> _Tape:
+    """Checkpoints ``carry`` if the iteration is a multiple of the stride; when the slots are
+    full, keeps every other one and doubles the stride."""
+    due = tape.steps % tape.stride == 0
+    # always written: when not due, into the next free slot, which the next checkpoint overwrites
+    slots = [s.at[tape.count].set(x) for s, x in zip(tape.slots, carry)]
+    count = tape.count + due.astype(tape.count.dtype)
+
+    def thin(slots, count, stride):
+        half = num_slots // 2
+        return [s.at[:half].set(s[::2]) for s in slots], count - half, stride * 2
+
+    slots, count, stride = lax.cond(
+        count == num_slots, thin, lambda *a: a, slots, count, tape.stride
+    )
+    return _Tape(slots, count, stride, tape.steps + 1)
+
+
+def _merge(mask: list, chosen: list, others: list) -> list:
+    """Interleaves ``chosen`` (where ``mask``) and ``others`` (elsewhere) back into one list."""
+    chosen, others = iter(chosen), iter(others)
+    return [next(chosen) if m else next(others) for m in mask]
+
+
+def zero_cotangent(x):
+    """The zero cotangent of ``x``: zeros for floating point, ``float0`` for integers."""
+    if x is None:
+        return None
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(jnp.shape(x), jax.dtypes.float0)

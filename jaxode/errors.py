@@ -23,7 +23,7 @@ STATUS_MESSAGES = (
     "not avoid it; with a fixed-step solver, try a smaller dt0",
 )
 
-GRADIENT_MODES = ("adjoint", "backprop")
+GRADIENT_MODES = ("adjoint", "backprop", "checkpoint")
 
 
 def is_concrete(x) -> bool:

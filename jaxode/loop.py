@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 
 from . import errors
-from .backprop import checkpointed_while
+from .backprop import checkpointed_while, custom_vjp_while
 from .interpolation import dense_coefficients, evaluate
 from .step import error_ratio, initial_step, rk_step, stage_times, step_factor
 from .tableaus import ButcherTableau
@@ -104,24 +104,40 @@ class Loop(NamedTuple):
     solve: Callable[[], LoopState]
 
 
-def integrate(field, y0, ts, rtol, atol, dt0, *, tableau, max_steps, differentiable=False, **options):
+def integrate(field, y0, ts, rtol, atol, dt0, *, tableau, max_steps, gradient=None, **options):
     """Solves ``y' = field(y, t)``, ``y(ts[0]) = y0`` and returns the final ``LoopState``.
 
-    The arguments are those of ``make_loop``; ``differentiable`` picks the reverse-differentiable
-    driver (``backprop.checkpointed_while``). Otherwise a system whose stages fit in
+    The arguments are those of ``make_loop``; ``gradient`` picks a reverse-differentiable
+    driver: ``"backprop"``, ``backprop.checkpointed_while``; ``"checkpoint"``,
+    ``backprop.custom_vjp_while``. Otherwise a system whose stages fit in
     ``_INLINE_BYTES`` runs ``Loop.solve`` (nested loops; the flat loop under ``jax.vmap``), and
     a larger one the flat ``lax.while_loop`` over ``Loop.step`` (there the step's own cost
     dominates and the nested loops gain nothing).
     """
-    loop = make_loop(
-        field, y0, ts, rtol, atol, dt0, tableau=tableau, max_steps=max_steps,
-        differentiable=differentiable, **options,
-    )
+    args = (field, y0, ts, rtol, atol, dt0)
+    options = dict(options, tableau=tableau, max_steps=max_steps)
+    loop = make_loop(*args, differentiable=gradient is not None, **options)
     body = lambda state: loop.step(state)[0]  # noqa: E731
-    if differentiable:
+    if gradient == "backprop":
         stages = tableau.num_stages
         state = checkpointed_while(loop.running, body, loop.init(), max_steps, residual_ratio=stages)
         return loop.finish(state)
+    if gradient == "checkpoint":
+        fast = make_loop(*args, **options)
+
+        def outputs_apart(step):
+            def body(carry, ys):
+                new = step(carry._replace(ys=ys))[0]
+                return new._replace(ys=None), new.ys
+
+            return body
+
+        state = loop.init()
+        carry, ys = custom_vjp_while(
+            loop.running, outputs_apart(loop.step), state._replace(ys=None), state.ys, max_steps,
+            fast_body=outputs_apart(fast.step),
+        )
+        return loop.finish(carry._replace(ys=ys))
     flat = lambda: loop.finish(lax.while_loop(loop.running, body, loop.init()))  # noqa: E731
     if _is_large(tableau, y0):
         return flat()

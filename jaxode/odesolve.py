@@ -104,7 +104,10 @@ def odesolve(
             backward solve of the augmented system, memory independent of the number of
             steps; ``"backprop"``: reverse (and forward) mode through the solver's own
             operations, the exact derivative of the computed solution with the step sizes
-            held fixed, by checkpointed nested scans (see ``jaxode.backprop``).
+            held fixed, by checkpointed nested scans (see ``jaxode.backprop``);
+            ``"checkpoint"``: the same derivative, reverse mode only, by a ``custom_vjp``
+            around the step loop that checkpoints states and recomputes steps on the way
+            back; faster, and its cost does not grow with ``max_steps``.
         adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: the forward ones).
         adjoint_seminorm: leave the parameter and time adjoints out of the backward error
             control (Kidger et al. 2021); usually fewer backward steps (default ``False``).
@@ -144,7 +147,7 @@ def odesolve(
         solve = adjoint.forward_batched if batched else adjoint.forward
         ys, info = solve(
             pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg,
-            differentiable=True,
+            gradient=gradient,
         )
     if throw:
         ys = errors.raise_on_failure(ys, jnp.max(info.status))

@@ -245,6 +245,9 @@ def test_adjoint_memory_does_not_grow_with_max_steps():
     small, large = temp_bytes(256, "backprop"), temp_bytes(16384, "backprop")
     assert large <= 10 * small
     assert large > small  # it does keep checkpoints
+    # so does the checkpoint mode: O(sqrt(max_steps)) carries
+    small, large = temp_bytes(256, "checkpoint"), temp_bytes(16384, "checkpoint")
+    assert small < large <= 10 * small
 
 
 def batch_problem():
