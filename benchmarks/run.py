@@ -210,6 +210,8 @@ def task_grad_peers(spec: dict) -> dict:
                   for s in solvers]
     vmap_cases += [(f"jaxode {s} adjoint batched=True",
                     lambda s=s: P.jaxode_grad(w, s, "adjoint", batched=True)) for s in solvers]
+    vmap_cases.append(("jaxode dopri5 checkpoint vmap",
+                       lambda: P.jaxode_grad(w, "dopri5", "checkpoint", vmap=True)))
     if P.available("diffrax") and spec.get("diffrax_vmap", True):
         vmap_cases.append(("diffrax dopri5 BacksolveAdjoint vmap",
                            lambda: P.diffrax_grad(w, "dopri5", "backsolve", vmap=True)))

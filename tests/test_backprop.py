@@ -35,13 +35,14 @@ def test_checkpointed_while_matches_while_loop_and_differentiates(max_steps):
     assert jax.grad(run)(a, "checkpointed") == pytest.approx(float(exact), rel=1e-12)
 
 
-@pytest.mark.parametrize("max_steps", [1, 7, 13, 64, 1000])
+@pytest.mark.parametrize("max_steps", [1, 7, 13, 40, 1000])
 def test_custom_vjp_while_equals_the_unrolled_loop(max_steps):
-    """x <- x * a + c, outputs[i] = x * c, for as long as i < n: values and gradients (with
-    respect to the initial carry, the outputs and the closed-over a, c) equal those of the
-    same loop unrolled in Python. max_steps = 7 and 13 fill the checkpoint slots (K = 4 and 6)
-    and so thin them: the reverse pass recomputes segments of 2 and 4 iterations."""
-    n = 13
+    """x <- x * a + c, outputs[i] = x * c, for as long as i < n (and at most max_steps times):
+    values and gradients (with respect to the initial carry, the outputs and the closed-over
+    a, c) equal those of the same loop unrolled in Python. With max_steps = 13 the 13
+    iterations overfill the K = 12 checkpoint slots once (segments of 2 recomputed on the way
+    back), with max_steps = 40 the 40 iterations the K = 18 slots twice (segments of 4)."""
+    n = 40
     k = min(n, max_steps)
 
     def run(x0, outputs, a, c, driver):
@@ -56,7 +57,7 @@ def test_custom_vjp_while_equals_the_unrolled_loop(max_steps):
             i, x = carry
             return (i + 1, x * a + c), outputs.at[i].set(x * c)
 
-        cond = lambda carry: carry[0] < jnp.minimum(jnp.asarray(n), max_steps)  # noqa: E731
+        cond = lambda carry: carry[0] < n  # noqa: E731  (the loop itself stops at max_steps)
         (_, x), outputs = custom_vjp_while(cond, body, (jnp.asarray(0), x0), outputs, max_steps)
         return x, outputs
 
@@ -69,7 +70,7 @@ def test_custom_vjp_while_equals_the_unrolled_loop(max_steps):
     want = jax.grad(loss, argnums=(0, 1, 2, 3))(*args, "unrolled")
     got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)(*args, "custom")
     for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-15)
 
 
 def _mode_grads(mode, solver, max_steps, **options):
