@@ -39,7 +39,8 @@ CAUSES = {
     "T2a": (
         "Per step, beyond the NFE field evaluations: the RK combinations, the error norm and the "
         "dense-output coefficients over the 256x32 state (a few passes over 32 KiB); measured "
-        "1.04-1.12 across runs, so the target sits inside this machine's run-to-run noise."
+        "1.04-1.17 across runs (diffrax 1.12-1.18 in the same runs), so the target sits inside "
+        "this machine's run-to-run noise."
     ),
     "T2b": (
         "Not the same error estimate nor controller, though the same 5th-order method. diffrax's "
