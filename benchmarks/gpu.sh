@@ -17,11 +17,12 @@
 #   1. correctness on the device, batch 256, float32, rtol = atol = 1e-5, matmuls at "highest"
 #      precision (TF32 would cost ~1e-3 relative error per matmul): for dopri5 and tsit5 the final
 #      state must agree with the reference within 1000 tolerances (RMS of |y - y_ref| /
-#      (atol + rtol |y_ref|)), as in run.py; the adjoint and backprop gradients must be within
-#      5e-2 relative of the float64 reference (CPU float32 gives ~6e-3). The same numbers with the
+#      (atol + rtol |y_ref|)), as in run.py; the adjoint, backprop and checkpoint gradients must
+#      be within 5e-2 relative of the float64 reference (CPU float32 gives ~6e-3). The same numbers at the
 #      default matmul precision are printed for information;
-#   2. timing at batch 4096 (--quick: 512): forward solve, adjoint gradient, backprop gradient of
-#      jaxode dopri5, and diffrax Dopri5 forward / BacksolveAdjoint / RecursiveCheckpointAdjoint;
+#   2. timing at batch 4096 (--quick: 512): forward solve, adjoint, backprop and checkpoint
+#      gradients of jaxode dopri5, and diffrax Dopri5 forward / BacksolveAdjoint /
+#      RecursiveCheckpointAdjoint;
 #      first call (compile) and steady median of 5 (--quick: 1) calls, printed as a table.
 # Exit status: 0 when every check passes, 1 when one fails, 124 on timeout.
 set -euo pipefail
@@ -101,7 +102,7 @@ for precision in ("highest", "default"):
                   f"  {'ok' if ok else 'FAIL'}", flush=True)
             if checked and not ok:
                 failures.append(f"{solver} forward final state")
-        for mode in ("adjoint", "backprop"):
+        for mode in ("adjoint", "backprop", "checkpoint"):
             (loss, _), g = jaxode_value_and_grad(w, "dopri5", mode)(params, z0, ts)
             err = W.gradient_error([np.asarray(x) for x in g], ref_grad["grad"])
             ok = bool(np.isfinite(err) and err <= 5e-2)
@@ -135,6 +136,7 @@ cases = [
         wb.f, z0, ts, p, solver="dopri5", rtol=wb.rtol, atol=wb.atol, max_steps=MAX_STEPS))),
     ("jaxode dopri5 adjoint grad", jaxode_value_and_grad(wb, "dopri5", "adjoint")),
     ("jaxode dopri5 backprop grad", jaxode_value_and_grad(wb, "dopri5", "backprop")),
+    ("jaxode dopri5 checkpoint grad", jaxode_value_and_grad(wb, "dopri5", "checkpoint")),
 ]
 if diffrax is not None:
     def diffrax_fn(adjoint):
