@@ -232,16 +232,11 @@ def evaluate_targets(res: dict) -> list[tuple[str, str, str, str]]:
             acc = ej is not None and ed is not None and ej <= ed
             parts.append(f"{s}: {r:.2f}x ({ms(med(j))} vs {ms(med(d))} ms), error {sci(ej)} vs {sci(ed)}")
             oks.append(r <= 0.75 and acc)
-        if key == "T3a":
-            for s in ("dopri5", "tsit5"):
-                j, d = g.get(f"jaxode {s} adjoint seminorm"), g.get(f"diffrax {s} BacksolveAdjoint")
-                if med(j) is not None and med(d) is not None:
-                    parts.append(f"(seminorm {s}: {ratio(med(j), med(d)):.2f}x)")
-        if key == "T3b":
-            for s in ("dopri5", "tsit5"):
-                j, d = g.get(f"jaxode {s} backprop"), g.get(f"diffrax {s} RecursiveCheckpointAdjoint")
-                if med(j) is not None and med(d) is not None:
-                    parts.append(f"(backprop {s}: {ratio(med(j), med(d)):.2f}x)")
+        also = {"T3a": ("adjoint seminorm", "seminorm"), "T3b": ("backprop", "backprop")}[key]
+        for s in ("dopri5", "tsit5"):
+            j, d = g.get(f"jaxode {s} {also[0]}"), g.get(f"diffrax {s} {theirs}")
+            if med(j) is not None and med(d) is not None:
+                parts.append(f"({also[1]} {s}: {ratio(med(j), med(d)):.2f}x)")
         out.append((key, desc[key], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
 
     # T4

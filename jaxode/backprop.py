@@ -87,13 +87,26 @@ def checkpointed_while(
     return lax.scan(run_block, init, None, length=num_blocks)[0]
 
 
+def hoist(fn: Callable, *example) -> tuple[Callable, list]:
+    """``fn`` as a function of the arrays it closes over: returns ``(run, consts)`` with
+    ``run(consts, *args) == fn(*args)`` for arguments like ``example``. For the custom rules
+    (``custom_vjp``, ``custom_vmap``) that must see those arrays as explicit inputs."""
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*example)
+    tree = jax.tree_util.tree_structure(shape)
+
+    def run(consts, *args):
+        flat = jax.tree_util.tree_leaves(args)
+        return jax.tree_util.tree_unflatten(tree, jax.core.eval_jaxpr(closed.jaxpr, consts, *flat))
+
+    return run, closed.consts
+
+
 class _Tape(NamedTuple):
     """What the forward pass of ``custom_vjp_while`` keeps for the reverse pass."""
 
     slots: list  # the carry's leaves at iterations 0, stride, 2 stride, ..., each (K, ...)
     count: Array  # slots in use
     stride: Array  # iterations between checkpoints (a power of 2)
-    steps: Array  # iterations run
 
 
 def custom_vjp_while(
@@ -120,18 +133,6 @@ def custom_vjp_while(
     out_leaves, out_tree = jax.tree_util.tree_flatten(outputs)
     is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in carry_leaves]
 
-    def hoist(fn, *example):
-        """``fn`` as a function of its closed-over arrays (passed explicitly, as ``custom_vjp``
-        needs) and its flat arguments."""
-        closed, shape = jax.make_jaxpr(fn, return_shape=True)(*example)
-        tree = jax.tree_util.tree_structure(shape)
-
-        def run(consts, *args):
-            flat = jax.tree_util.tree_leaves(args)
-            return jax.tree_util.tree_unflatten(tree, jax.core.eval_jaxpr(closed.jaxpr, consts, *flat))
-
-        return run, closed.consts
-
     def as_flat(fn):
         def flat_fn(c, o):
             new_c, new_o = fn(carry_tree.unflatten(c), out_tree.unflatten(o))
@@ -153,12 +154,12 @@ def custom_vjp_while(
         def step(state):
             c, o, tape, k = state
             if tape is not None:
-                tape = _record(tape, c, num_slots)
+                tape = _record(tape, c, k, num_slots)
             c, o = run_fast(fast_c, c, o)
             return c, o, tape, k + 1
 
         within_budget = lambda s: run_cond(cond_c, s[0]) & (s[3] < max_steps)  # noqa: E731
-        return lax.while_loop(within_budget, step, (c, o, tape, jnp.zeros((), jnp.int32)))[:3]
+        return lax.while_loop(within_budget, step, (c, o, tape, jnp.zeros((), jnp.int32)))
 
     @jax.custom_vjp
     def run(c, o, consts):
@@ -167,11 +168,11 @@ def custom_vjp_while(
     def run_fwd(c, o, consts):
         slots = [jnp.zeros((num_slots,) + jnp.shape(x), jnp.result_type(x)) for x in c]
         zero = jnp.zeros((), jnp.int32)
-        c, o, tape = forward_loop(consts, c, o, _Tape(slots, zero, zero + 1, zero))
-        return (c, o), (tape, consts)
+        c, o, tape, steps = forward_loop(consts, c, o, _Tape(slots, zero, zero + 1))
+        return (c, o), (tape, steps, consts)
 
     def run_bwd(residuals, cotangents):
-        tape, consts = residuals
+        tape, steps, consts = residuals
         ct_c, ct_o = cotangents
         body_c = consts[0]
         float_consts = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in body_c]
@@ -197,7 +198,7 @@ def custom_vjp_while(
             ct_c, ct_o, ct_consts, buffer = state
             j = tape.count - 1 - j
             start = j * tape.stride
-            length = jnp.minimum(tape.stride, tape.steps - start)
+            length = jnp.minimum(tape.stride, steps - start)
             buffer = [b.at[0].set(s[j]) for b, s in zip(buffer, tape.slots)]
 
             def recompute(i, buffer):
@@ -230,10 +231,10 @@ def custom_vjp_while(
     return carry_tree.unflatten(c), out_tree.unflatten(o)
 
 
-def _record(tape: _Tape, carry: list, num_slots: int) -> _Tape:
-    """Checkpoints ``carry`` if the iteration is a multiple of the stride; when the slots are
+def _record(tape: _Tape, carry: list, iteration: Array, num_slots: int) -> _Tape:
+    """Checkpoints ``carry`` if ``iteration`` is a multiple of the stride; when the slots are
     full, keeps every other one and doubles the stride."""
-    due = tape.steps % tape.stride == 0
+    due = iteration % tape.stride == 0
     # always written: when not due, into the next free slot, which the next checkpoint overwrites
     slots = [s.at[tape.count].set(x) for s, x in zip(tape.slots, carry)]
     count = tape.count + due.astype(tape.count.dtype)
@@ -245,7 +246,7 @@ def _record(tape: _Tape, carry: list, num_slots: int) -> _Tape:
     slots, count, stride = lax.cond(
         count == num_slots, thin, lambda *a: a, slots, count, tape.stride
     )
-    return _Tape(slots, count, stride, tape.steps + 1)
+    return _Tape(slots, count, stride)
 
 
 def _merge(mask: list, chosen: list, others: list) -> list:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 
 from . import errors
-from .backprop import checkpointed_while, custom_vjp_while
+from .backprop import checkpointed_while, custom_vjp_while, hoist
 from .interpolation import dense_coefficients, evaluate
 from .step import error_ratio, initial_step, rk_step, stage_times, step_factor
 from .tableaus import ButcherTableau
@@ -159,25 +159,20 @@ def _vmapped_as(fn: Callable[[], Any], vmappable: Callable[[], Any]):
     step on by itself. Everything the two functions close over is passed in explicitly, as
     ``custom_vmap`` requires to see what is batched.
     """
-    fn_jaxpr, out_shape = jax.make_jaxpr(fn, return_shape=True)()
-    flat_jaxpr = jax.make_jaxpr(vmappable)()
-    out_tree = jax.tree_util.tree_structure(out_shape)
-
-    def evaluate_jaxpr(closed, consts):
-        return jax.tree_util.tree_unflatten(out_tree, jax.core.eval_jaxpr(closed.jaxpr, consts))
+    run_fn, fn_consts = hoist(fn)
+    run_flat, flat_consts = hoist(vmappable)
 
     @jax.custom_batching.custom_vmap
     def run(fn_consts, flat_consts):
-        return evaluate_jaxpr(fn_jaxpr, fn_consts)
+        return run_fn(fn_consts)
 
     @run.def_vmap
     def _rule(axis_size, in_batched, fn_consts, flat_consts):
         in_axes = [0 if batched else None for batched in in_batched[1]]
-        out = jax.vmap(lambda consts: evaluate_jaxpr(flat_jaxpr, consts), in_axes=(in_axes,),
-                       axis_size=axis_size)(flat_consts)
+        out = jax.vmap(run_flat, in_axes=(in_axes,), axis_size=axis_size)(flat_consts)
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
-    return run(fn_jaxpr.consts, flat_jaxpr.consts)
+    return run(fn_consts, flat_consts)
 
 
 def make_loop(
