@@ -7,6 +7,7 @@ through the solver.
 
 from . import nn
 from .adjoint import Info
+from .errors import SolveError
 from .nn import ConcatSquashField, MLPField, NeuralODE, ODEBlock
 from .odesolve import adjoint_backward_info, odesolve
 from .tableaus import SOLVERS, ButcherTableau
@@ -15,6 +16,7 @@ __all__ = [
     "odesolve",
     "adjoint_backward_info",
     "Info",
+    "SolveError",
     "ButcherTableau",
     "SOLVERS",
     "nn",

@@ -1,6 +1,14 @@
-"""Input validation (at trace time where the input is concrete) and runtime failure reports."""
+"""Input validation (at trace time where the input is concrete) and runtime failure reports.
+
+A failure found while the compiled program runs (a failed solve, invalid traced input) raises
+``SolveError`` from a host callback. Under ``jax.jit`` JAX re-raises it wrapped in a
+``JaxRuntimeError`` whose text ends with the ``SolveError`` line; ``odesolve`` runs its own
+compiled function and unwraps it, so an eager call raises the ``SolveError`` itself.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import equinox as eqx
 import jax
@@ -24,6 +32,70 @@ STATUS_MESSAGES = (
 )
 
 GRADIENT_MODES = ("adjoint", "backprop", "checkpoint")
+
+
+class SolveError(RuntimeError):
+    """A solve failed, or a traced input was invalid; the message names the cause."""
+
+
+SolveError.__module__ = "jaxode"  # shown as ``jaxode.SolveError``
+
+
+def _callback_failure(record: logging.LogRecord) -> bool:
+    """Drops JAX's log of a callback that raised, when it raised a ``SolveError``: the error
+    itself carries the message (the log would print a second, long traceback)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], SolveError))
+
+
+logging.getLogger("jax._src.callback").addFilter(_callback_failure)
+
+
+def _raise_first_failure(codes, messages):
+    """Host side of ``fail_if``: raises the message of the first nonzero code (if any)."""
+    codes = np.asarray(codes)
+    failed = codes[codes != 0]
+    if failed.size:
+        raise _short_traceback(SolveError(messages[int(failed[0])]))
+    return np.zeros(codes.shape, np.int32)
+
+
+def _short_traceback(error: SolveError) -> SolveError:
+    """``error`` as raised from a finished generator: its traceback is one frame with no
+    caller, so the text that JAX wraps around it is short and ends with the message."""
+
+    def raiser():
+        raise error
+        yield
+
+    try:
+        next(raiser())
+    except SolveError as e:
+        return e
+
+
+def fail_if(x, code, messages):
+    """``x`` unchanged, with a check made when the program runs: if ``code`` (an integer array,
+    batched under ``vmap``) is nonzero anywhere, raise ``SolveError(messages[code])``.
+
+    The check is a host callback taken only when a code is nonzero (under ``vmap``, where
+    ``cond`` becomes ``select``, the callback itself looks at the codes); its zero result is
+    added to every floating leaf of ``x``, so any output that is used carries the check.
+    """
+    code = jax.lax.stop_gradient(jnp.asarray(code, jnp.int32))
+    messages = tuple(messages)
+
+    def check(code):
+        return jax.pure_callback(
+            lambda c: _raise_first_failure(c, messages), jax.ShapeDtypeStruct((), jnp.int32), code,
+            vmap_method="broadcast_all",
+        )
+
+    token = jax.lax.cond(jnp.any(code != 0), check, lambda c: jnp.zeros((), jnp.int32), code)
+    return jax.tree_util.tree_map(lambda a: a + token.astype(a.dtype) if _is_float(a) else a, x)
+
+
+def _is_float(a) -> bool:
+    return jnp.issubdtype(jnp.result_type(a), jnp.inexact)
 
 
 def is_concrete(x) -> bool:
@@ -54,20 +126,30 @@ def runtime_check_ts(ts) -> Array:
     """The same check for traced ``ts``, as an error raised by the compiled program."""
     d = jnp.diff(ts)
     bad = ~(jnp.all(d > 0) | jnp.all(d < 0)) | ~jnp.all(jnp.isfinite(ts))
-    return eqx.error_if(ts, bad, "ts must be finite and strictly increasing or strictly decreasing")
+    message = "jaxode: ts must be finite and strictly increasing or strictly decreasing"
+    return fail_if(ts, bad.astype(jnp.int32), ("", message))
 
 
 def check_z0(z0) -> None:
+    """``z0`` holds floating-point or complex arrays, finite where their values are known."""
     leaves = jax.tree_util.tree_leaves(z0)
     if not leaves:
         raise ValueError("z0 must hold at least one array")
-    for leaf in leaves:
+    for i, leaf in enumerate(leaves):
         dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"z0 must hold floating-point arrays, got dtype {dtype}; "
+                f"z0 must hold floating-point (or complex) arrays, got dtype {dtype}; "
                 "convert it, e.g. jnp.asarray(z0, dtype=float)"
             )
+        if is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
+            where = "" if len(leaves) == 1 else f" (leaf {i})"
+            raise ValueError(f"z0 must be finite: the initial state{where} holds a NaN or inf")
+
+
+def is_empty(z0) -> bool:
+    """Whether the state has no elements at all."""
+    return sum(int(np.prod(jnp.shape(x))) for x in jax.tree_util.tree_leaves(z0)) == 0
 
 
 def check_batch(z0) -> None:
@@ -81,17 +163,33 @@ def check_batch(z0) -> None:
         )
 
 
+_ORDER_HINT = (
+    "jaxode calls f(z, t, params), with z shaped like z0 and t a scalar (torchdiffeq and "
+    "scipy call f(t, y): swap the first two arguments, and take params third)"
+)
+
+
 def check_output(f, z0, t, params) -> None:
     """Checks at trace time that ``f(z0, t, params)`` matches ``z0``'s structure, shapes, dtypes."""
-    out = eqx.filter_eval_shape(f, z0, t, params)
+    try:
+        out = eqx.filter_eval_shape(f, z0, t, params)
+    except Exception as e:
+        raise TypeError(
+            f"calling the vector field failed: {type(e).__name__}: {e}\n{_ORDER_HINT}"
+        ) from e
     s_in, s_out = jax.tree_util.tree_structure(z0), jax.tree_util.tree_structure(out)
     if s_in != s_out:
-        raise ValueError(f"f(z, t, params) must return the structure of z0: expected {s_in}, got {s_out}")
+        hint = _ORDER_HINT
+        if isinstance(z0, (list, tuple)) and s_out == jax.tree_util.tree_structure(0):
+            hint = "z0 is a Python list or tuple (a pytree of scalars): pass jnp.asarray(z0)"
+        raise ValueError(
+            f"f(z, t, params) must return the structure of z0: expected {s_in}, got {s_out}; {hint}"
+        )
     for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(z0), jax.tree_util.tree_leaves(out))):
         a = jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
         if a.shape != b.shape:
             raise ValueError(f"f(z, t, params) must return arrays shaped like z0: leaf {i} has "
-                             f"shape {a.shape} in z0 but {b.shape} in f's output")
+                             f"shape {a.shape} in z0 but {b.shape} in f's output; {_ORDER_HINT}")
         if a.dtype != b.dtype:
             raise TypeError(f"f(z, t, params) must return the dtypes of z0: leaf {i} is "
                             f"{a.dtype} in z0 but {b.dtype} in f's output")
@@ -107,6 +205,9 @@ def check_options(tableau, rtol, atol, dt0, max_steps, gradient) -> None:
             raise ValueError(f"{name} must be >= 0, got {v}")
         if is_concrete(v) and not np.all(np.isfinite(np.asarray(v))):
             raise ValueError(f"{name} must be finite, got {v}")
+    if tableau.adaptive and is_concrete(rtol) and is_concrete(atol):
+        if np.any((np.asarray(rtol) == 0) & (np.asarray(atol) == 0)):
+            raise ValueError("rtol and atol cannot both be 0: no step would meet the tolerance")
     if dt0 is None:
         if not tableau.adaptive:
             raise ValueError(
@@ -116,6 +217,25 @@ def check_options(tableau, rtol, atol, dt0, max_steps, gradient) -> None:
         raise ValueError(f"dt0 must be > 0 (a magnitude; the direction comes from ts), got {dt0}")
 
 
+_TOLERANCE_MESSAGE = "jaxode: rtol and atol must be finite and >= 0, and not both 0"
+
+
+def runtime_check_tolerances(rtol, atol):
+    """The tolerance check of ``check_options`` for traced ``rtol``/``atol``, made at run time."""
+    bad = ~jnp.all(jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0))
+    bad = bad | jnp.any((rtol == 0) & (atol == 0))
+    return fail_if((rtol, atol), bad.astype(jnp.int32), ("", _TOLERANCE_MESSAGE))
+
+
+def solve_error_message(error: BaseException) -> str | None:
+    """The ``SolveError`` message inside the error JAX raised for a failed callback, if any."""
+    text = str(error)
+    marker = "SolveError: "
+    if marker not in text:
+        return None
+    return text[text.rindex(marker) + len(marker):].strip()
+
+
 def raise_on_failure(x, status):
     """Raises (also under ``jit``) the message of ``status`` if it is not ``SUCCESS``.
 
@@ -123,6 +243,4 @@ def raise_on_failure(x, status):
     any output that is used carries the check, and a sharded output keeps its sharding (a
     check attached to the whole array would make XLA replicate it onto every device).
     """
-    status = jax.lax.stop_gradient(status)
-    token = eqx.branched_error_if(jnp.zeros(()), status != SUCCESS, status, STATUS_MESSAGES)
-    return jax.tree_util.tree_map(lambda a: a + token.astype(a.dtype), x)
+    return fail_if(x, status, STATUS_MESSAGES)

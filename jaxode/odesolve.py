@@ -1,5 +1,5 @@
 """``odesolve``: checks the inputs, flattens pytrees, hoists closed-over arrays, picks the
-gradient mode."""
+gradient mode, and runs the solve as a cached compiled function."""
 
 from __future__ import annotations
 
@@ -32,21 +32,69 @@ class _Problem(NamedTuple):
     dt0: Array | None
 
 
-def _prepare(f, z0, ts, params, rtol, atol, dt0, tableau: ButcherTableau, batched=False) -> _Problem:
+class _Static(NamedTuple):
+    """The options that shape the compiled program (hashable: part of the cache key)."""
+
+    tableau: ButcherTableau
+    max_steps: int
+    gradient: str
+    seminorm: bool
+    batched: bool
+    throw: bool
+    full_output: bool
+    checked: bool  # ts, z0, rtol and atol were concrete and have been checked by value
+
+
+def _as_state(z0: Any) -> Any:
+    """``z0`` with its Python numbers (also inside lists and tuples) as JAX arrays; a Python
+    ``int`` becomes a float, as jax's ``odeint`` and scipy take ``y0=1``."""
+
+    def leaf(x):
+        if isinstance(x, bool):
+            return jnp.asarray(x)
+        if isinstance(x, int):
+            return jnp.asarray(x, dtype=jnp.result_type(float))
+        if isinstance(x, (float, complex, np.number, np.ndarray)):
+            return jnp.asarray(x)
+        return x
+
+    return jax.tree_util.tree_map(leaf, z0)
+
+
+def _real_view(tree: Any) -> Any:
+    """Complex leaves as real arrays with a trailing axis ``(real, imag)``: the solver works
+    on real numbers, and JAX differentiates the split and the join by its own conventions."""
+    split = lambda x: jnp.stack([jnp.real(x), jnp.imag(x)], -1) if _is_complex(x) else x  # noqa: E731
+    return jax.tree_util.tree_map(split, tree)
+
+
+def _complex_view(tree: Any, like: Any) -> Any:
+    """The inverse of ``_real_view`` for leaves that are complex in ``like``."""
+    join = lambda x, z: jax.lax.complex(x[..., 0], x[..., 1]) if _is_complex(z) else x  # noqa: E731
+    return jax.tree_util.tree_map(join, tree, like)
+
+
+def _is_complex(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.complexfloating)
+
+
+def _prepare(f, z0, ts, params, rtol, atol, dt0, batched=False, checked=False) -> _Problem:
     ts = errors.check_ts(ts)
-    errors.check_z0(z0)
     if batched:
         errors.check_batch(z0)
         z0s, z0 = z0, jax.tree_util.tree_map(lambda x: x[0], z0)
     errors.check_output(f, z0, ts[0], params)
-    if not errors.is_concrete(ts):
+    if not checked:
         ts = errors.runtime_check_ts(ts)
-    y0, unravel = ravel_pytree(z0)
+        rtol, atol = errors.runtime_check_tolerances(rtol, atol)
+    z_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), z0)
+    y0, unravel_real = ravel_pytree(_real_view(z0))
+    unravel = lambda y: _complex_view(unravel_real(y), z_like)  # noqa: E731
     dtype = y0.dtype
     params_dyn, params_static = eqx.partition(params, eqx.is_array)
 
     def flat_f(y, t, p_dyn):
-        return ravel_pytree(f(unravel(y), t, eqx.combine(p_dyn, params_static)))[0]
+        return ravel_pytree(_real_view(f(unravel(y), t, eqx.combine(p_dyn, params_static))))[0]
 
     converted, consts = jax.closure_convert(flat_f, y0, ts[0].astype(dtype), params_dyn)
     diff, nondiff = eqx.partition((params_dyn, tuple(consts)), eqx.is_inexact_array)
@@ -56,7 +104,7 @@ def _prepare(f, z0, ts, params, rtol, atol, dt0, tableau: ButcherTableau, batche
         return converted(y, t, p_dyn, *hoisted)
 
     if batched:
-        y0 = jax.vmap(lambda z: ravel_pytree(z)[0])(z0s)
+        y0 = jax.vmap(lambda z: ravel_pytree(_real_view(z))[0])(z0s)
     as_array = lambda x: None if x is None else jnp.asarray(x, dtype)  # noqa: E731
     return _Problem(field, y0, ts, diff, nondiff, unravel, as_array(rtol), as_array(atol), as_array(dt0))
 
@@ -86,7 +134,11 @@ def odesolve(
         f: the vector field ``f(z, t, params) -> dz/dt``; ``z`` has the structure, shapes and
             dtypes of ``z0`` and so must the result. Any callable, an Equinox module included;
             arrays it closes over or holds are differentiated like ``params``.
-        z0: the initial state: a floating-point array or a pytree of them.
+        z0: the initial state: a floating-point or complex array, a Python or NumPy number, or a
+            pytree of them (Python numbers become arrays of the default float dtype). Complex
+            leaves are integrated as pairs of real numbers (real and imaginary parts, each an
+            element of the error norm); gradients follow JAX's convention for complex inputs.
+            A state with no elements returns ``len(ts)`` empty copies at once.
         ts: the output times, shape ``(T,)`` with ``T >= 2``, strictly increasing or strictly
             decreasing (a solve backwards in time). ``ys[0]`` is ``z0``.
         params: any pytree passed to ``f`` (default ``None``).
@@ -129,14 +181,71 @@ def odesolve(
     Returns:
         ``ys``, with the structure of ``z0`` and each leaf given a leading axis of length
         ``T``; with ``full_output=True``, ``(ys, info)``.
+
+    Raises:
+        ValueError, TypeError: bad input, before any work where the input is concrete.
+        SolveError: a failed solve (``throw=True``) in an eager call. Under the caller's
+            ``jax.jit`` JAX raises it wrapped in a ``JaxRuntimeError`` whose last line is the
+            ``SolveError`` with its message.
+
+    Compilation cache: an eager call (outside ``jax.jit``) runs a compiled solve kept in a
+    cache (``equinox.filter_jit``), keyed on ``f`` and the non-array parts of ``params`` (by
+    hash: for a function, its identity), the shapes and dtypes of the arrays (``z0``, ``ts``,
+    ``params``, the arrays held by an Equinox module ``f``) and the static options. A repeated
+    call with the same ``f`` object costs about what a call inside ``jax.jit`` does; a fresh
+    ``lambda`` on every call, or Python numbers as ``params`` that change, compile again.
+    As with ``jax.jit``, a global array that ``f`` reads is baked into its compiled solve.
     """
     tableau = get_solver(solver)
     errors.check_options(tableau, rtol, atol, dt0, max_steps, gradient)
     for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
         if v is not None and errors.is_concrete(v) and np.any(np.asarray(v) < 0):
             raise ValueError(f"{name} must be >= 0, got {v}")
-    pb = _prepare(f, z0, ts, params, rtol, atol, dt0, tableau, batched)
-    cfg = Config(tableau, max_steps, adjoint_seminorm, throw, batched)
+    z0 = _as_state(z0)
+    errors.check_z0(z0)
+    ts = errors.check_ts(ts)
+    checked = all(errors.is_concrete(x) for x in (ts, rtol, atol, *jax.tree_util.tree_leaves(z0)))
+    static = _Static(tableau, max_steps, gradient, adjoint_seminorm, batched, throw, full_output, checked)
+    tols = [None if x is None else jnp.asarray(x) for x in (rtol, atol, dt0, adjoint_rtol, adjoint_atol)]
+    return _run_compiled(f, z0, ts, params, *tols, static)
+
+
+def _run_compiled(f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol, static: _Static):
+    """``_solve`` through a cache of compiled functions (see ``odesolve``'s notes); an eager
+    call waits for its result, so that a failure raises here as a ``SolveError``."""
+    args = (f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol, static)
+    if not _hashable(args):
+        return _solve(*args)
+    try:
+        out = _solve_compiled(*args)
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(out)):
+            jax.block_until_ready(out)
+    except jax.errors.JaxRuntimeError as e:
+        message = errors.solve_error_message(e)
+        if message is None:
+            raise
+        raise errors.SolveError(message) from None
+    return out
+
+
+def _hashable(args) -> bool:
+    """Whether the non-array part of ``args`` can key the compilation cache."""
+    leaves, tree = jax.tree_util.tree_flatten(eqx.filter(args, eqx.is_array, inverse=True))
+    try:
+        hash((tuple(leaves), tree))
+    except TypeError:
+        return False
+    return True
+
+
+def _solve(f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol, static: _Static):
+    """The solve of ``odesolve`` (its inputs already checked by value where concrete)."""
+    tableau, max_steps, gradient = static.tableau, static.max_steps, static.gradient
+    batched, throw, full_output = static.batched, static.throw, static.full_output
+    if errors.is_empty(z0):
+        return _empty_solve(z0, ts, batched, full_output)
+    pb = _prepare(f, z0, ts, params, rtol, atol, dt0, batched, static.checked)
+    cfg = Config(tableau, max_steps, static.seminorm, throw, batched)
     if gradient == "adjoint":
         a_rtol = pb.rtol if adjoint_rtol is None else jnp.asarray(adjoint_rtol, pb.y0.dtype)
         a_atol = pb.atol if adjoint_atol is None else jnp.asarray(adjoint_atol, pb.y0.dtype)
@@ -152,6 +261,20 @@ def odesolve(
     if throw:
         ys = errors.raise_on_failure(ys, jnp.max(info.status))
     ys = jax.vmap(jax.vmap(pb.unravel))(ys) if batched else jax.vmap(pb.unravel)(ys)
+    return (ys, info) if full_output else ys
+
+
+_solve_compiled = eqx.filter_jit(_solve)
+
+
+def _empty_solve(z0, ts, batched: bool, full_output: bool):
+    """A state with no elements: nothing to integrate; ``ys`` holds ``len(ts)`` empty copies
+    (after the batch axis, if ``batched``)."""
+    axis = 1 if batched else 0
+    ys = jax.tree_util.tree_map(lambda x: jnp.repeat(jnp.expand_dims(x, axis), ts.shape[0], axis), z0)
+    batch = (jnp.shape(jax.tree_util.tree_leaves(z0)[0])[0],) if batched else ()
+    zero = jnp.zeros(batch, jnp.int32)
+    info = Info(num_steps=zero, num_accepted=zero, num_rejected=zero, nfe=zero, status=zero)
     return (ys, info) if full_output else ys
 
 
@@ -176,7 +299,7 @@ def adjoint_backward_info(
     rtol, atol = options.get("rtol", 1e-6), options.get("atol", 1e-6)
     dt0, max_steps = options.get("dt0"), options.get("max_steps", 4096)
     errors.check_options(tableau, rtol, atol, dt0, max_steps, "adjoint")
-    pb = _prepare(f, z0, ts, params, rtol, atol, dt0, tableau)
+    pb = _prepare(f, _as_state(z0), ts, params, rtol, atol, dt0)
     cfg = Config(tableau, max_steps, options.get("adjoint_seminorm", False))
     ys, fwd_info, last_step = adjoint.forward(
         pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg, last_step=True

@@ -253,3 +253,63 @@ def test_blow_up_is_step_size_underflow_at_tight_tolerance(name, tol):
                                full_output=True, max_steps=100_000)
     assert int(info.status) == STATUS["underflow"]
     assert int(info.num_steps) < 3000
+
+
+# ---- input mistakes named early ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("z0", [jnp.array([jnp.nan, 1.0]), {"a": jnp.ones(1), "b": jnp.array([jnp.inf])}])
+def test_non_finite_z0_is_named_before_any_step(z0):
+    with pytest.raises(ValueError, match="z0 must be finite"):
+        jaxode.odesolve(lambda z, t, p: jax.tree_util.tree_map(lambda x: -x, z), z0, TS)
+
+
+def test_zero_tolerances_are_refused_by_odesolve_and_neural_ode():
+    with pytest.raises(ValueError, match="rtol and atol cannot both be 0"):
+        jaxode.odesolve(field, Z0, TS, rtol=0.0, atol=0.0)
+    with pytest.raises(ValueError, match="rtol and atol cannot both be 0"):
+        jaxode.NeuralODE(lambda z, t, p: -z, rtol=0.0, atol=0.0)
+    ys = jaxode.odesolve(field, Z0, TS, rtol=0.0, atol=1e-8)  # either alone is a tolerance
+    np.testing.assert_allclose(np.asarray(ys[-1]), [np.cos(2.0), -np.sin(2.0)], atol=1e-6)
+
+
+@pytest.mark.parametrize("rtol, atol", [(-1e-3, 1e-6), (jnp.nan, 1e-6), (0.0, 0.0)])
+def test_bad_traced_tolerances_raise_at_run_time(rtol, atol):
+    solve = jax.jit(lambda rtol, atol: jaxode.odesolve(field, Z0, TS, rtol=rtol, atol=atol, max_steps=50))
+    with pytest.raises(Exception) as err:
+        jax.block_until_ready(solve(rtol, atol))
+    assert "rtol and atol must be finite and >= 0" in failure_cause(err.value)
+
+
+@pytest.mark.parametrize("f", [lambda t, y: -y, lambda t, y, p: -y[0] * y], ids=["f(t, y)", "f(t, y, p)"])
+def test_scipy_argument_order_is_named(f):
+    with pytest.raises(TypeError, match=r"jaxode calls f\(z, t, params\)"):
+        jaxode.odesolve(f, Z0, TS)
+
+
+def test_list_state_with_array_field_suggests_asarray():
+    with pytest.raises(ValueError, match=r"jnp.asarray\(z0\)"):
+        jaxode.odesolve(lambda z, t, p: -jnp.asarray(z), [1.0, 2.0], TS)
+
+
+# ---- what a runtime failure looks like ----------------------------------------------------------
+
+
+def test_eager_failure_is_a_one_line_solve_error(caplog):
+    f, z0, ts, opts, _ = FAILURES["max_steps"]
+    with pytest.raises(jaxode.SolveError) as err:
+        jaxode.odesolve(f, z0, ts, rtol=1e-6, atol=1e-6, **opts)
+    assert str(err.value).startswith("jaxode: the solve took max_steps")
+    assert "\n" not in str(err.value)
+    assert "pure_callback failed" not in caplog.text
+
+
+def test_failure_under_jit_ends_with_the_message_and_nothing_misleading(caplog):
+    f, z0, ts, opts, _ = FAILURES["max_steps"]
+    with pytest.raises(Exception) as err:
+        jax.block_until_ready(jax.jit(lambda z0: jaxode.odesolve(f, z0, ts, **opts))(z0))
+    text = str(err.value)
+    assert text.rstrip().endswith(failure_cause(err.value)), text
+    assert len(text.splitlines()) <= 4, text  # the message, not a dump of the Python stack
+    assert "filter_jit" not in text and "Equinox" not in text
+    assert "pure_callback failed" not in caplog.text

@@ -312,3 +312,85 @@ def test_vmap_equals_python_loop(vdp_solve, axes):
     assert len(set(np.asarray(info.num_steps).tolist())) > 1  # each element has its own step count
     if axes[1] == 0:
         assert int(info.num_steps[1]) > 1.3 * int(info.num_steps[0])  # the stiff-ish element
+
+
+# ---- states of every kind: Python numbers, lists, NumPy, empty, complex ----------------------------
+
+TS_DECAY = jnp.array([0.0, 0.5, 1.0])
+DECAY = np.exp(-np.asarray(TS_DECAY))
+
+
+@pytest.mark.parametrize("z0", [1.0, 1, np.float64(1.0), np.array([1.0]), [1.0, 2.0], (1.0, {"b": 2.0})],
+                         ids=["float", "int", "np-scalar", "np-array", "list", "nested"])
+def test_python_and_numpy_states(z0):
+    ys = jaxode.odesolve(lambda z, t, p: jax.tree_util.tree_map(lambda x: -x, z), z0, TS_DECAY,
+                         rtol=1e-10, atol=1e-10)
+    for y, x in zip(jax.tree_util.tree_leaves(ys), jax.tree_util.tree_leaves(z0), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.multiply.outer(DECAY, np.asarray(x, float)), rtol=1e-8)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_empty_state_returns_at_once(batched, gradient):
+    z0 = jnp.zeros((3, 0)) if batched else jnp.zeros((0,))
+    ys, info = jaxode.odesolve(lambda z, t, p: -z, z0, TS_DECAY, max_steps=4, batched=batched,
+                               gradient=gradient, full_output=True)
+    assert ys.shape == ((3, 3, 0) if batched else (3, 0))
+    assert np.all(np.asarray(info.status) == 0) and np.all(np.asarray(info.num_steps) == 0)
+    grad = jax.grad(lambda z0: jnp.sum(jaxode.odesolve(lambda z, t, p: -z, z0, TS_DECAY, batched=batched,
+                                                       gradient=gradient)))(z0)
+    assert grad.shape == z0.shape
+
+
+W_COMPLEX, DAMP = 2.0, 0.1
+
+
+def _complex_field(z, t, w):
+    return (-1j * w - DAMP) * z  # z(t) = exp((-i w - damp) t) z0
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.complex128])
+def test_complex_state_matches_the_exponential(dtype):
+    z0 = jnp.array([1.0 + 0.5j, -0.3j], dtype)
+    tol = 1e-5 if dtype == jnp.complex64 else 1e-10
+    w = jnp.asarray(W_COMPLEX, z0.real.dtype)
+    ys = jaxode.odesolve(_complex_field, z0, TS_LIN, w, rtol=tol, atol=tol)
+    assert ys.dtype == dtype
+    exact = np.exp((-1j * W_COMPLEX - DAMP) * np.asarray(TS_LIN))[:, None] * np.asarray(z0)
+    np.testing.assert_allclose(np.asarray(ys), exact, atol=50 * tol)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop", "checkpoint"])
+def test_complex_state_gradients_follow_jax_conventions(gradient):
+    z0, t1, weight = jnp.array([1.0 + 0.5j]), TS_LIN[-1], 0.3 - 0.7j
+
+    def loss(z0, w):
+        ys = jaxode.odesolve(_complex_field, z0, TS_LIN, w, rtol=1e-11, atol=1e-11, gradient=gradient)
+        return jnp.real(ys[-1, 0] * weight)
+
+    def exact(z0, w):
+        return jnp.real(z0[0] * jnp.exp((-1j * w - DAMP) * t1) * weight)
+
+    got = jax.grad(loss, argnums=(0, 1))(z0, W_COMPLEX)
+    want = jax.grad(exact, argnums=(0, 1))(z0, W_COMPLEX)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-7)
+    np.testing.assert_allclose(float(got[1]), float(want[1]), rtol=1e-7)
+
+
+# ---- eager calls run a cached compiled solve ----------------------------------------------------
+
+
+def test_repeated_eager_calls_trace_the_field_once():
+    traces = []
+
+    def f(z, t, k):
+        traces.append(None)  # runs when f is traced, not when the compiled solve runs
+        return -k * z
+
+    first = jaxode.odesolve(f, jnp.ones(2), TS_DECAY, jnp.asarray(1.0))
+    count = len(traces)
+    for k in (1.0, 2.0, 3.0):  # new parameter values and tolerances: the same compiled solve
+        ys = jaxode.odesolve(f, jnp.ones(2), TS_DECAY, jnp.asarray(k), rtol=1e-7 * k)
+        np.testing.assert_allclose(np.asarray(ys[:, 0]), np.exp(-k * np.asarray(TS_DECAY)), rtol=1e-5)
+    assert len(traces) == count, "an eager call with the same f, shapes and options traced f again"
+    np.testing.assert_allclose(np.asarray(first[:, 0]), DECAY, rtol=1e-5)
