@@ -21,9 +21,11 @@ the vector field's own intermediates):
   — independent of ``N``. ``B = sqrt(max_steps · S / R)`` minimises it, ``2 sqrt(max_steps · S · R)``;
   the loop passes ``B = ceil(sqrt(max_steps / s))``, i.e. ``O(sqrt(max_steps · s) · S)`` memory.
 
-Under ``jax.vmap`` the skip predicates become batched and ``lax.cond`` turns into a select, so
-there the cost is that of ``max_steps`` steps: batch the initial conditions into one state, or
-lower ``max_steps``, when differentiating a vmapped solve in backprop mode.
+Under ``jax.vmap`` a batched predicate would turn ``lax.cond`` into a select that runs both
+branches, and every block would run; so a block is skipped when the loop has finished for
+every element of the batch (``any_in_batch``), and inside a block that runs, the iterations of
+finished elements are masked. The cost then grows with the most steps any element takes, not
+with ``max_steps``.
 
 **custom_vjp_while** (reverse mode only) computes the same derivative with a ``jax.custom_vjp``
 around a plain ``lax.while_loop``, whose cost does not depend on ``max_steps``:
@@ -82,9 +84,22 @@ def checkpointed_while(
         return lax.scan(guarded, state, None, length=block)[0]
 
     def run_block(state, _):
-        return lax.cond(cond(state), run, lambda s: s, state), None
+        return lax.cond(any_in_batch(cond(state)), run, lambda s: s, state), None
 
     return lax.scan(run_block, init, None, length=num_blocks)[0]
+
+
+@jax.custom_batching.custom_vmap
+def any_in_batch(pred: Array) -> Array:
+    """``pred`` itself; under ``jax.vmap``, ``jnp.any`` of it over the batch, unbatched, so that
+    a ``lax.cond`` on it stays a branch instead of becoming a select."""
+    return pred
+
+
+@any_in_batch.def_vmap
+def _any_in_batch_rule(axis_size, in_batched, pred):
+    del axis_size
+    return (jnp.any(pred) if in_batched[0] else pred), False
 
 
 def hoist(fn: Callable, *example) -> tuple[Callable, list]:
