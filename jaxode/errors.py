@@ -12,6 +12,7 @@ SUCCESS = 0
 MAX_STEPS_REACHED = 1
 STEP_SIZE_UNDERFLOW = 2
 NONFINITE = 3
+INVALID_TOLERANCE = 4
 
 STATUS_MESSAGES = (
     "",
@@ -21,6 +22,8 @@ STATUS_MESSAGES = (
     "the problem may be stiff or singular, or rtol/atol too tight for the dtype",
     "jaxode: the solution became non-finite (NaN or inf): an adaptive solver's shrinking steps did "
     "not avoid it; with a fixed-step solver, try a smaller dt0",
+    "jaxode: invalid traced rtol, atol or dt0 (NaN, inf or negative, or dt0 <= 0): rtol and atol "
+    "must be finite and >= 0, dt0 finite and > 0; no step was taken",
 )
 
 GRADIENT_MODES = ("adjoint", "backprop", "checkpoint")

@@ -15,6 +15,8 @@ from jax.flatten_util import ravel_pytree
 
 from . import adjoint, errors
 from .adjoint import Config, Info
+from .loop import time_dtype
+from .step import error_dtype
 from .tableaus import ButcherTableau, get_solver
 
 __all__ = ["odesolve", "adjoint_backward_info", "Info"]
@@ -34,6 +36,7 @@ class _Problem(NamedTuple):
 
 def _prepare(f, z0, ts, params, rtol, atol, dt0, tableau: ButcherTableau, batched=False) -> _Problem:
     ts = errors.check_ts(ts)
+    ts = ts.astype(time_dtype(ts.dtype))  # time is carried in ts's dtype, at least float32
     errors.check_z0(z0)
     if batched:
         errors.check_batch(z0)
@@ -48,7 +51,7 @@ def _prepare(f, z0, ts, params, rtol, atol, dt0, tableau: ButcherTableau, batche
     def flat_f(y, t, p_dyn):
         return ravel_pytree(f(unravel(y), t, eqx.combine(p_dyn, params_static)))[0]
 
-    converted, consts = jax.closure_convert(flat_f, y0, ts[0].astype(dtype), params_dyn)
+    converted, consts = jax.closure_convert(flat_f, y0, ts[0], params_dyn)
     diff, nondiff = eqx.partition((params_dyn, tuple(consts)), eqx.is_inexact_array)
 
     def field(y, t, diff, nondiff):
@@ -57,8 +60,10 @@ def _prepare(f, z0, ts, params, rtol, atol, dt0, tableau: ButcherTableau, batche
 
     if batched:
         y0 = jax.vmap(lambda z: ravel_pytree(z)[0])(z0s)
-    as_array = lambda x: None if x is None else jnp.asarray(x, dtype)  # noqa: E731
-    return _Problem(field, y0, ts, diff, nondiff, unravel, as_array(rtol), as_array(atol), as_array(dt0))
+    as_array = lambda x, dt: None if x is None else jnp.asarray(x, dt)  # noqa: E731
+    tol = error_dtype(dtype)
+    return _Problem(field, y0, ts, diff, nondiff, unravel, as_array(rtol, tol), as_array(atol, tol),
+                    as_array(dt0, ts.dtype))
 
 
 def odesolve(
