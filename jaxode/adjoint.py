@@ -129,7 +129,7 @@ def backward(field: FlatField, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0, cf
         max_steps=cfg.max_steps, jump=jump, save_outputs=False, segments=parts,
     )
     y = state.y
-    fs = jax.vmap(lambda yi, ti: field(yi, ti.astype(ys.dtype), diff, nondiff))(ys[1:], ts[1:])
+    fs = jax.vmap(lambda yi, ti: field(yi, ti, diff, nondiff))(ys[1:], ts[1:])
     ct_t = jnp.sum(ct_ys[1:] * fs, axis=1)
     ct_ts = jnp.concatenate([(y[-1] - jnp.sum(ct_t))[None], ct_t]).astype(ts.dtype)
     ct_y0 = y[n : 2 * n].astype(ys.dtype)

@@ -20,6 +20,7 @@ SUCCESS = 0
 MAX_STEPS_REACHED = 1
 STEP_SIZE_UNDERFLOW = 2
 NONFINITE = 3
+INVALID_TOLERANCE = 4
 
 STATUS_MESSAGES = (
     "",
@@ -29,6 +30,9 @@ STATUS_MESSAGES = (
     "the problem may be stiff or singular, or rtol/atol too tight for the dtype",
     "jaxode: the solution became non-finite (NaN or inf): an adaptive solver's shrinking steps did "
     "not avoid it; with a fixed-step solver, try a smaller dt0",
+    "jaxode: invalid traced rtol, atol or dt0 (NaN, inf or negative, both tolerances 0, or "
+    "dt0 <= 0): rtol and atol must be finite and >= 0, not both 0, dt0 finite and > 0; no step "
+    "was taken",
 )
 
 GRADIENT_MODES = ("adjoint", "backprop", "checkpoint")
@@ -215,16 +219,6 @@ def check_options(tableau, rtol, atol, dt0, max_steps, gradient) -> None:
             )
     elif is_concrete(dt0) and not np.all(np.asarray(dt0) > 0):
         raise ValueError(f"dt0 must be > 0 (a magnitude; the direction comes from ts), got {dt0}")
-
-
-_TOLERANCE_MESSAGE = "jaxode: rtol and atol must be finite and >= 0, and not both 0"
-
-
-def runtime_check_tolerances(rtol, atol):
-    """The tolerance check of ``check_options`` for traced ``rtol``/``atol``, made at run time."""
-    bad = ~jnp.all(jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0))
-    bad = bad | jnp.any((rtol == 0) & (atol == 0))
-    return fail_if((rtol, atol), bad.astype(jnp.int32), ("", _TOLERANCE_MESSAGE))
 
 
 def solve_error_message(error: BaseException) -> str | None:

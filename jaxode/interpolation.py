@@ -24,22 +24,25 @@ from .tableaus import ButcherTableau
 def dense_coefficients(tableau: ButcherTableau, field: Field, t, y, h, stages, y_new, f_new) -> Array:
     """The coefficients ``C`` (shape ``(d, n)``) of the interpolant of one step.
 
-    Evaluates ``field`` ``len(tableau.extra_c)`` times (the extra stages), no more.
+    Evaluates ``field`` ``len(tableau.extra_c)`` times (the extra stages), no more. ``t``, ``h``
+    in the time dtype; ``h`` is cast to the state dtype where it scales state increments.
     """
+    h_y = jnp.asarray(h).astype(y.dtype)
     if tableau.dense is None:
         delta = y_new - y
         f0 = stages[0]
-        return jnp.stack([h * f0, 3 * delta - h * (2 * f0 + f_new), h * (f0 + f_new) - 2 * delta])
+        return jnp.stack([h_y * f0, 3 * delta - h_y * (2 * f0 + f_new), h_y * (f0 + f_new) - 2 * delta])
     ks = list(stages)
     for c_i, a_i in zip(tableau.extra_c, tableau.extra_a):
-        ks.append(field(y + h * weighted_sum(a_i, ks), t + c_i * h))
+        ks.append(field(y + h_y * weighted_sum(a_i, ks), t + c_i * h))
     degree = len(tableau.dense[0])
-    return jnp.stack([h * weighted_sum([row[j] for row in tableau.dense], ks) for j in range(degree)])
+    return jnp.stack([h_y * weighted_sum([row[j] for row in tableau.dense], ks) for j in range(degree)])
 
 
 def evaluate(y, coefficients, theta, nested: bool = False) -> Array:
     """``y + Σ_j θ^j C_j`` by Horner's rule (``nested``: with alternating factors ``1-θ``,
-    ``θ``, as in Hairer's ``contd8``); ``theta`` is a scalar."""
+    ``θ``, as in Hairer's ``contd8``); ``theta`` is a scalar (cast to the state dtype)."""
+    theta = jnp.asarray(theta).astype(y.dtype)
     acc = coefficients[-1]
     for j in range(len(coefficients) - 2, -1, -1):
         factor = 1 - theta if nested and j % 2 == 0 else theta

@@ -12,8 +12,19 @@ One loop serves every solve:
 
 A solve backwards in time (decreasing ``ts``) runs forwards in ``s = -t`` with the field
 ``-f(y, -s)``. The loop stops at the last output, or on a failure (status codes in
-``errors``): more than ``max_steps`` steps, a step size that underflows, a non-finite state.
+``errors``): more than ``max_steps`` steps, a step size that underflows (``t + h == t``
+at the current time), a non-finite state (the loop does not start from a non-finite ``y0``
+or ``f(y0, t0)``), an invalid traced tolerance or ``dt0`` (none is started either).
 Outputs not reached stay NaN.
+
+Time dtype (``time_dtype``): time is carried in the floating dtype of ``ts``, at least
+float32 (float16 and bfloat16 ``ts`` are promoted), whatever the state's dtype: a float32
+state may run on float64 times, and a float16 state runs on float32 times. ``field``
+receives ``t`` in that dtype. Step sizes live in the time dtype and are cast to the state
+dtype only where they multiply state increments; each step is the one the time really
+advanced by, ``h = (t + h_try) - t`` as rounded, so that ``y`` and ``t`` never drift apart
+at large ``|t|``. Error norms and tolerances are in the state dtype, at least float32
+(``step.error_dtype``).
 
 The step attempt is shared by three drivers: ``Loop.solve``, nested ``lax.while_loop``s (over
 the output times, and over the steps up to the next one), for a small system that is not
@@ -36,12 +47,17 @@ from jax import Array, lax
 from . import errors
 from .backprop import checkpointed_while, custom_vjp_while, hoist
 from .interpolation import dense_coefficients, evaluate
-from .step import error_ratio, initial_step, rk_step, stage_times, step_factor
+from .step import error_dtype, error_ratio, initial_step, rk_step, stage_times, step_factor
 from .tableaus import ButcherTableau
 
 # XLA's CPU runtime runs a loop body inline when every buffer it touches is at most this big
 # (ThunkExecutor's execute_sequential_buffer_threshold), else through its dataflow executor.
 _INLINE_BYTES = 512
+
+
+def time_dtype(ts_dtype) -> jnp.dtype:
+    """The dtype time is carried in: that of ``ts``, at least float32."""
+    return jnp.promote_types(ts_dtype, jnp.float32)
 
 
 class StepRecord(NamedTuple):
@@ -66,7 +82,7 @@ class LoopState(NamedTuple):
     num_rejected: Array
     nfe: Array  # field evaluations besides the step attempts' (all of them after ``Loop.finish``)
     finite: Array  # whether the last step attempt (its state and error) was finite
-    status: Array  # errors.SUCCESS, or the failure; set by ``Loop.finish`` (``Loop.failure`` before)
+    status: Array  # a failure found by ``init`` (the loop does not run), else set by ``Loop.finish``
 
 
 class Attempt(NamedTuple):
@@ -226,15 +242,17 @@ def make_loop(
     n = y0.shape[0]
     segments = ((0, n),) if segments is None else segments
     stop_at_outputs = jump is not None or not tableau.adaptive
-    dtype = y0.dtype
-    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(dtype)
-    s_ts = direction * ts.astype(dtype)
+    dtype, tdtype, edtype = y0.dtype, time_dtype(ts.dtype), error_dtype(y0.dtype)
+    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(tdtype)
+    s_ts = direction * ts.astype(tdtype)
     num_out = ts.shape[0]
     int_ = jnp.int32
-    eps = jnp.finfo(dtype).eps
+    eps = jnp.finfo(tdtype).eps
+    if tableau.adaptive:
+        rtol, atol = jnp.asarray(rtol, edtype), jnp.asarray(atol, edtype)
 
     def g(y, s):
-        return direction * field(y, direction * s)
+        return direction.astype(dtype) * field(y, direction * s)
 
     def init() -> LoopState:
         f0 = g(y0, s_ts[0])
@@ -243,39 +261,48 @@ def make_loop(
             h0 = initial_step(g, s_ts[0], y0, f0, span, tableau.order, rtol, atol, segments)
             nfe0 = 2
         else:
-            h0 = jnp.asarray(dt0, dtype)
+            h0 = dt0
             nfe0 = 1
+        h0 = jnp.asarray(h0).astype(tdtype)
         if differentiable:
             h0 = lax.stop_gradient(h0)
         ys = jnp.full((num_out, n), jnp.nan, dtype).at[0].set(y0) if save_outputs else None
+        finite = jnp.all(jnp.isfinite(y0)) & jnp.all(jnp.isfinite(f0))
+        status = jnp.where(
+            _valid_options(rtol, atol, dt0, tableau.adaptive),
+            jnp.where(finite, errors.SUCCESS, errors.NONFINITE),
+            errors.INVALID_TOLERANCE,
+        )
         return LoopState(
-            t=s_ts[0], y=y0, f=f0, h=jnp.asarray(h0, dtype), ratio_prev=jnp.ones((), dtype),
+            t=s_ts[0], y=y0, f=f0, h=h0, ratio_prev=jnp.ones((), edtype),
             ys=ys, i_out=jnp.ones((), int_), num_accepted=jnp.zeros((), int_),
             num_rejected=jnp.zeros((), int_), nfe=jnp.asarray(nfe0, int_),
-            finite=jnp.ones((), bool), status=jnp.asarray(errors.SUCCESS, int_),
+            finite=jnp.ones((), bool), status=status.astype(int_),
         )
 
     def attempt(state: LoopState, target) -> tuple[LoopState, Attempt]:
         """One step attempt towards ``target`` (clipped to end on it). Leaves ``ys``,
         ``i_out`` and ``status`` alone."""
         t, y, h = state.t, state.y, state.h
-        landed = t + h >= target - 64 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
-        h_used = jnp.where(landed, target - t, h)
-        t_new = jnp.where(landed, target, t + h_used)
+        t_try = t + h
+        landed = t_try >= target - 64 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
+        t_new = jnp.where(landed, target, t_try)
+        h_used = t_new - t  # the step the time really advanced by
         step = rk_step(tableau, g, t, y, h_used, state.f, t_new)
         finite = jnp.all(jnp.isfinite(step.y_new))
         if tableau.adaptive:
             ratio = error_ratio(step, y, rtol, atol, segments)
-            finite = finite & jnp.isfinite(ratio)
+            for error in (step.error, step.error3):
+                finite = finite & (True if error is None else jnp.all(jnp.isfinite(error)))
             ratio = jnp.where(finite, ratio, jnp.inf)
             accept = finite & (ratio <= 1)
         else:
-            ratio = jnp.zeros((), dtype)
+            ratio = jnp.zeros((), edtype)
             accept = finite
         f_new = step.f_new if tableau.fsal else g(step.y_new, t_new)
         h_next = h
         if tableau.adaptive:
-            factor = step_factor(ratio, state.ratio_prev, accept, tableau.error_order)
+            factor = step_factor(ratio, state.ratio_prev, accept, tableau.error_order).astype(tdtype)
             h_next = _next_step_size(h, h_used, factor, accept, landed & stop_at_outputs)
         if differentiable:
             h_next = lax.stop_gradient(h_next)
@@ -333,27 +360,25 @@ def make_loop(
         ys, i_out = write(new.ys, i, s_ts, at.accept, at, coeffs, tableau.dense_nested)
         return new._replace(ys=ys, i_out=i_out), at.record
 
-    def failure(state: LoopState, target) -> Array:
-        """Why the solve cannot go on towards ``target`` (``errors`` codes), read off its state:
-        a step too small to move ``t`` (which a non-finite field brings about by shrinking the
-        step; for a fixed-step method, a non-finite state at once), or ``max_steps`` spent."""
-        if tableau.adaptive:
-            tiny = state.h <= 16 * eps * jnp.maximum(jnp.abs(state.t), jnp.abs(target))
-            code = jnp.where(tiny, jnp.where(state.finite, errors.STEP_SIZE_UNDERFLOW, errors.NONFINITE), 0)
-        else:
-            code = jnp.where(state.finite, errors.SUCCESS, errors.NONFINITE)
+    def failure(state: LoopState) -> Array:
+        """Why the solve cannot go on (``errors`` codes), read off its state: a failure found by
+        ``init``; a step too small to move ``t`` at the current time, ``t + h == t`` (or a NaN
+        step; a non-finite field brings it about by shrinking the step); for a fixed-step
+        method, a non-finite state at once; or ``max_steps`` spent."""
+        stuck = ~(state.t + state.h > state.t)  # also for a NaN h
+        code = jnp.where(stuck, jnp.where(state.finite, errors.STEP_SIZE_UNDERFLOW, errors.NONFINITE), 0)
+        if not tableau.adaptive:
+            code = jnp.where(state.finite, code, errors.NONFINITE)
+        code = jnp.where(state.status != errors.SUCCESS, state.status, code)
         out_of_steps = state.num_accepted + state.num_rejected >= max_steps
         return jnp.where((code == errors.SUCCESS) & out_of_steps, errors.MAX_STEPS_REACHED, code).astype(int_)
 
-    def next_target(state: LoopState) -> Array:
-        return s_ts[jnp.minimum(state.i_out, num_out - 1)] if stop_at_outputs else s_ts[-1]
-
     def running(state: LoopState) -> Array:
-        return (state.i_out < num_out) & (failure(state, next_target(state)) == errors.SUCCESS)
+        return (state.i_out < num_out) & (failure(state) == errors.SUCCESS)
 
     def finish(state: LoopState) -> LoopState:
         """The final state with its ``status``, and its ``nfe`` counting the step attempts'."""
-        failed = failure(state, next_target(state))
+        failed = failure(state)
         per_attempt = tableau.num_stages - (1 if tableau.fsal else 0)
         return state._replace(
             status=jnp.where(state.i_out < num_out, failed, errors.SUCCESS).astype(int_),
@@ -372,7 +397,7 @@ def make_loop(
             dense = at.stages if tableau.extra_c else coefficients(at, at.stages, new.f)
             return new, _LastStep(at.t, at.h, at.t_new, at.y, at.y_new, dense)
 
-        more = lambda carry: (carry[0].t < until) & (failure(carry[0], clip_to) == errors.SUCCESS)  # noqa: E731
+        more = lambda carry: (carry[0].t < until) & (failure(carry[0]) == errors.SUCCESS)  # noqa: E731
         carry = (state._replace(ys=None),) + ((last,) if last is not None else ())
         carry = lax.while_loop(more, body, carry)
         return carry[0]._replace(ys=state.ys), (carry[1] if last is not None else None)
@@ -400,7 +425,7 @@ def make_loop(
 
         degree = 3 if tableau.dense is None else len(tableau.dense[0])
         dense_rows = tableau.num_stages if tableau.extra_c else degree
-        one, s_end = jnp.ones((), dtype), s_ts[-1]
+        one, s_end = jnp.ones((), tdtype), s_ts[-1]
         last = _LastStep(state.t, one, state.t, y0, y0, jnp.zeros((dense_rows, n), dtype))
 
         def outer(carry):
@@ -422,12 +447,28 @@ def make_loop(
     return Loop(init, step, running, finish, solve)
 
 
+def _valid_options(rtol, atol, dt0, adaptive: bool) -> Array:
+    """Whether the (possibly traced) tolerances are finite, >= 0 and not both 0 (adaptive
+    methods only) and ``dt0``, if given, finite and > 0."""
+    valid = jnp.ones((), bool)
+    if adaptive:
+        for tol in (rtol, atol):
+            valid = valid & jnp.all(jnp.isfinite(tol)) & jnp.all(tol >= 0)
+        valid = valid & ~jnp.any((rtol == 0) & (atol == 0))
+    if dt0 is not None:
+        valid = valid & jnp.all(jnp.isfinite(dt0)) & jnp.all(jnp.asarray(dt0) > 0)
+    return valid
+
+
 def _next_step_size(h, h_used, factor, accept, landed_at_stop):
     """The controller's next step from the one used; a step shortened to land on an output
-    time it stops at keeps the size it had before; a rejection never grows the step."""
+    time it stops at keeps the size it had before; a rejection shrinks the step (by
+    ``factor < 1``) from the smaller of the one tried and the one used, which rounding of
+    ``t + h`` (or landing on an output time) may have made longer: else it could be tried
+    again and again."""
     h_next = h_used * factor
     h_next = jnp.where(accept & landed_at_stop, jnp.maximum(h_next, h), h_next)
-    return jnp.where(accept | (h_next < h), h_next, h)
+    return jnp.where(accept, h_next, factor * jnp.minimum(h, h_used))
 
 
 def _write_while(ys, i_out, s_ts, accept, step: Attempt | _LastStep, coeffs, nested):

@@ -15,6 +15,8 @@ from jax.flatten_util import ravel_pytree
 
 from . import adjoint, errors
 from .adjoint import Config, Info
+from .loop import time_dtype
+from .step import error_dtype
 from .tableaus import ButcherTableau, get_solver
 
 __all__ = ["odesolve", "adjoint_backward_info", "Info"]
@@ -80,13 +82,13 @@ def _is_complex(x) -> bool:
 
 def _prepare(f, z0, ts, params, rtol, atol, dt0, batched=False, checked=False) -> _Problem:
     ts = errors.check_ts(ts)
+    ts = ts.astype(time_dtype(ts.dtype))  # time is carried in ts's dtype, at least float32
     if batched:
         errors.check_batch(z0)
         z0s, z0 = z0, jax.tree_util.tree_map(lambda x: x[0], z0)
     errors.check_output(f, z0, ts[0], params)
     if not checked:
         ts = errors.runtime_check_ts(ts)
-        rtol, atol = errors.runtime_check_tolerances(rtol, atol)
     z_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), z0)
     y0, unravel_real = ravel_pytree(_real_view(z0))
     unravel = lambda y: _complex_view(unravel_real(y), z_like)  # noqa: E731
@@ -96,7 +98,7 @@ def _prepare(f, z0, ts, params, rtol, atol, dt0, batched=False, checked=False) -
     def flat_f(y, t, p_dyn):
         return ravel_pytree(_real_view(f(unravel(y), t, eqx.combine(p_dyn, params_static))))[0]
 
-    converted, consts = jax.closure_convert(flat_f, y0, ts[0].astype(dtype), params_dyn)
+    converted, consts = jax.closure_convert(flat_f, y0, ts[0], params_dyn)
     diff, nondiff = eqx.partition((params_dyn, tuple(consts)), eqx.is_inexact_array)
 
     def field(y, t, diff, nondiff):
@@ -105,8 +107,10 @@ def _prepare(f, z0, ts, params, rtol, atol, dt0, batched=False, checked=False) -
 
     if batched:
         y0 = jax.vmap(lambda z: ravel_pytree(_real_view(z))[0])(z0s)
-    as_array = lambda x: None if x is None else jnp.asarray(x, dtype)  # noqa: E731
-    return _Problem(field, y0, ts, diff, nondiff, unravel, as_array(rtol), as_array(atol), as_array(dt0))
+    as_array = lambda x, dt: None if x is None else jnp.asarray(x, dt)  # noqa: E731
+    tol = error_dtype(dtype)
+    return _Problem(field, y0, ts, diff, nondiff, unravel, as_array(rtol, tol), as_array(atol, tol),
+                    as_array(dt0, ts.dtype))
 
 
 def odesolve(

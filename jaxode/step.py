@@ -3,6 +3,11 @@
 All functions act on flat state vectors ``y`` of shape ``(n,)`` and a vector field
 ``field(y, t) -> dy/dt`` of the same shape; time runs forwards (the loop maps a backwards
 solve onto a forwards one).
+
+Dtypes: ``t`` and ``h`` are in the time dtype, ``y`` in the state dtype (see ``loop``); ``h`` is
+cast to the state dtype where it multiplies state increments, and the error norm is computed in
+at least float32 (``error_dtype``), so that a float16 or bfloat16 state neither overflows nor
+flushes its scaled errors.
 """
 
 from __future__ import annotations
@@ -42,6 +47,19 @@ class Step(NamedTuple):
     inputs: list
 
 
+def error_dtype(state_dtype):
+    """The dtype of error norms and tolerances: the state's, at least float32."""
+    return jnp.promote_types(state_dtype, jnp.float32)
+
+
+def _divide(x, scale, zero_over_zero):
+    """``x / scale`` where ``scale > 0``; where ``scale == 0`` (``atol = 0`` at a zero component):
+    ``zero_over_zero`` if ``x == 0``, else ``inf`` (no relative tolerance can accept it)."""
+    positive = scale > 0
+    quotient = x / jnp.where(positive, scale, 1)
+    return jnp.where(positive, quotient, jnp.where(x == 0, zero_over_zero, jnp.inf))
+
+
 def weighted_sum(weights, vectors):
     """``Σ_i w_i v_i`` over the nonzero weights (Python floats; unrolled for XLA to fuse)."""
     terms = [w * v for w, v in zip(weights, vectors) if w != 0]
@@ -60,15 +78,20 @@ def rk_step(tableau: ButcherTableau, field: Field, t, y, h, f0, t_new=None) -> S
     """One step of ``tableau`` from ``(t, y)`` with step ``h``, reusing ``f0 = f(y, t)``.
 
     ``t_new``: the time the step ends at (default ``t + h``); stages never go past it.
+    ``h`` and the times are in the time dtype; the state increments use ``h`` cast to ``y``'s
+    dtype, the error estimates are in ``error_dtype``.
     """
     times = stage_times(tableau, t, h, t + h if t_new is None else t_new)
+    h_y = jnp.asarray(h).astype(y.dtype)
     ks, inputs = [f0], [y]
     for a_i, t_i in zip(tableau.a, times[1:]):
-        inputs.append(y + h * weighted_sum(a_i, ks))
+        inputs.append(y + h_y * weighted_sum(a_i, ks))
         ks.append(field(inputs[-1], t_i))
-    y_new = y + h * weighted_sum(tableau.b, ks)
-    error = None if tableau.b_error is None else h * weighted_sum(tableau.b_error, ks)
-    error3 = None if tableau.b_error3 is None else h * weighted_sum(tableau.b_error3, ks)
+    y_new = y + h_y * weighted_sum(tableau.b, ks)
+    edtype = error_dtype(y.dtype)
+    h_e, ks_e = jnp.asarray(h).astype(edtype), [k.astype(edtype) for k in ks]
+    error = None if tableau.b_error is None else h_e * weighted_sum(tableau.b_error, ks_e)
+    error3 = None if tableau.b_error3 is None else h_e * weighted_sum(tableau.b_error3, ks_e)
     return Step(y_new, ks[-1] if tableau.fsal else None, error, error3, ks, inputs)
 
 
@@ -86,14 +109,20 @@ def error_ratio(step: Step, y, rtol, atol, segments) -> Array:
 
     For DOP853 the two estimates are combined per segment as
     ``|e5|² / sqrt(|e5|² + 0.01 |e3|²)`` (Hairer, Nørsett & Wanner, II.10). A NaN or inf in
-    the estimate gives an infinite ratio.
+    the estimate gives an infinite ratio. Where the scale is 0 (``atol = 0`` and the component
+    0 at both ends) an error of exactly 0 counts as 0, any other as infinite. Computed in
+    ``error_dtype``.
     """
-    scale = atol + rtol * jnp.maximum(jnp.abs(y), jnp.abs(step.y_new))
-    per_part = [jnp.sqrt(jnp.mean((step.error[a:b] / scale[a:b]) ** 2)) for a, b in segments]
+    edtype = error_dtype(y.dtype)
+    y, y_new = y.astype(edtype), step.y_new.astype(edtype)
+    scale = atol + rtol * jnp.maximum(jnp.abs(y), jnp.abs(y_new))
+    scaled = _divide(step.error.astype(edtype), scale, 0.0)
+    per_part = [jnp.sqrt(jnp.mean(scaled[a:b] ** 2)) for a, b in segments]
     if step.error3 is not None:
+        scaled3 = _divide(step.error3.astype(edtype), scale, 0.0)
         combined = []
         for (a, b), e5 in zip(segments, per_part):
-            e3 = jnp.sqrt(jnp.mean((step.error3[a:b] / scale[a:b]) ** 2))
+            e3 = jnp.sqrt(jnp.mean(scaled3[a:b] ** 2))
             denom = jnp.sqrt(e5**2 + 0.01 * e3**2)
             zero_or_nan = jnp.where(jnp.isnan(denom), jnp.nan, 0.0)
             combined.append(jnp.where(denom > 0, e5**2 / jnp.where(denom > 0, denom, 1), zero_or_nan))
@@ -130,14 +159,22 @@ def initial_step(field: Field, t0, y0, f0, span, order: int, rtol, atol, segment
     ``h1 = (0.01 / max(‖f0‖, d2))^(1/p)`` with ``p = order`` (the exponent of Hairer's ``HINIT``
     in DOPRI5 and DOP853, ``IORD``; scipy's ``1/(error_estimator_order + 1)`` is the same
     number): ``1/5`` for the 5(4) pairs, ``1/8`` for DOP853, ``1/3`` for Bogacki–Shampine.
+
+    Components whose scale is 0 (``atol = 0`` and ``y0`` 0 there) are left out of the norms.
+    The probe's step is the one the time ``t0 + h0`` really advanced by. Norms in
+    ``error_dtype``; the result in the dtype of ``t0`` and ``span`` (or wider).
     """
-    scale = atol + jnp.abs(y0) * rtol
-    d0 = rms_norm(y0 / scale, segments)
-    d1 = rms_norm(f0 / scale, segments)
+    edtype = error_dtype(y0.dtype)
+    t0 = jnp.asarray(t0)
+    scale = atol + jnp.abs(y0.astype(edtype)) * rtol
+    norm = lambda x: rms_norm(_divide(jnp.where(scale > 0, x.astype(edtype), 0), scale, 0.0), segments)  # noqa: E731
+    d0, d1 = norm(y0), norm(f0)
     h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.where(d1 > 0, d1, 1))
     h0 = jnp.minimum(h0, span)
-    f1 = field(y0 + h0 * f0, t0 + h0)
-    d2 = rms_norm((f1 - f0) / scale, segments) / h0
+    t1 = t0 + h0.astype(t0.dtype)
+    h0 = jnp.where(t1 > t0, t1 - t0, h0)
+    f1 = field(y0 + h0.astype(y0.dtype) * f0, t1)
+    d2 = norm(f1 - f0) / h0
     dmax = jnp.maximum(d1, d2)
     h1 = jnp.where(
         dmax <= 1e-15,
