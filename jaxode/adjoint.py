@@ -231,17 +231,20 @@ def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol
         ys, info, last_step = fwd_solve(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg, last_step=True)
         if cfg.tableau.adaptive:  # the backward solve starts with the forward's last step size
             dt0 = last_step
-        return (ys, info), (ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
+        residuals = (ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol, info.status)
+        return (ys, info), residuals
 
     def _bwd(residuals, cotangents):
-        ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol = residuals
+        ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol, fwd_status = residuals
         ct_ys, _ = cotangents
         ct_y0, ct_ts, ct_diff, info = bwd_solve(
             field, ys, ts, diff, nondiff, ct_ys, adjoint_rtol, adjoint_atol, dt0, cfg
         )
-        failed = jnp.any(info.status != errors.SUCCESS)
+        # a failed forward solve (NaN outputs) fails the backward one: report the forward's cause
+        fwd_status = jnp.max(fwd_status)
+        status = jnp.where(fwd_status != errors.SUCCESS, fwd_status, jnp.max(info.status))
+        failed = status != errors.SUCCESS
         if cfg.throw:  # attached to every cotangent: any one that is used carries the check
-            status = jnp.max(info.status)
             ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), status)
         else:
             nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x)  # noqa: E731

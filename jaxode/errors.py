@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -119,10 +121,46 @@ def check_options(tableau, rtol, atol, dt0, max_steps, gradient) -> None:
 def raise_on_failure(x, status):
     """Raises (also under ``jit``) the message of ``status`` if it is not ``SUCCESS``.
 
-    The check is made on a scalar that is then added (as 0) to every floating leaf of ``x``:
-    any output that is used carries the check, and a sharded output keeps its sharding (a
-    check attached to the whole array would make XLA replicate it onto every device).
+    The check is made on a scalar that is then added (as 0) to every leaf of ``x``: any
+    output that is used carries the check, and a sharded output keeps its sharding (a check
+    attached to the whole array would make XLA replicate it onto every device). Derivatives
+    carry it too: tangents (and so cotangents) are multiplied by ``1 + 0`` taken from the
+    check, so ``jit(grad(...))`` or a ``jvp`` whose primal outputs are dead still raises.
     """
-    status = jax.lax.stop_gradient(status)
+    return _guarded(True, x, jax.lax.stop_gradient(jnp.max(status)))
+
+
+def nan_gradient_on_failure(x, status):
+    """``x`` unchanged, but its tangents (and so the cotangents of whatever ``x`` came
+    from) are NaN where ``status`` is not ``SUCCESS``: a failed solve has no gradient.
+
+    ``status``: a scalar, or one per leading index of every leaf of ``x`` (a batch).
+    """
+    return _guarded(False, x, jax.lax.stop_gradient(status))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _guarded(throw: bool, x, status):
+    return _guard_and_scale(throw, x, status)[0]
+
+
+@_guarded.defjvp
+def _guarded_jvp(throw, primals, tangents):
+    x, status = primals
+    out, scale = _guard_and_scale(throw, x, status)
+
+    def scaled(t):
+        if not jnp.issubdtype(t.dtype, jnp.inexact):  # float0: integer leaves have no tangent
+            return t
+        return t * jnp.reshape(scale, scale.shape + (1,) * (t.ndim - scale.ndim)).astype(t.dtype)
+
+    return out, jax.tree_util.tree_map(scaled, tangents[0])
+
+
+def _guard_and_scale(throw: bool, x, status):
+    """``(x with the check attached, tangent scale)``: the check's ``1 + 0`` with ``throw``,
+    else 1, or NaN where failed."""
+    if not throw:
+        return x, jnp.where(status != SUCCESS, jnp.nan, 1.0)
     token = eqx.branched_error_if(jnp.zeros(()), status != SUCCESS, status, STATUS_MESSAGES)
-    return jax.tree_util.tree_map(lambda a: a + token.astype(a.dtype), x)
+    return jax.tree_util.tree_map(lambda a: a + token.astype(a.dtype), x), 1.0 + token

@@ -265,7 +265,8 @@ def make_loop(
         step = rk_step(tableau, g, t, y, h_used, state.f, t_new)
         finite = jnp.all(jnp.isfinite(step.y_new))
         if tableau.adaptive:
-            ratio = error_ratio(step, y, rtol, atol, segments)
+            # step control only, never differentiated: the norm's derivative at a zero error is inf
+            ratio = lax.stop_gradient(error_ratio(step, y, rtol, atol, segments))
             finite = finite & jnp.isfinite(ratio)
             ratio = jnp.where(finite, ratio, jnp.inf)
             accept = finite & (ratio <= 1)

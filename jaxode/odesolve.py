@@ -149,8 +149,10 @@ def odesolve(
             pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg,
             gradient=gradient,
         )
-    if throw:
-        ys = errors.raise_on_failure(ys, jnp.max(info.status))
+    if throw:  # on info too: a caller may use info alone
+        ys, info = errors.raise_on_failure((ys, info), info.status)
+    else:
+        ys = errors.nan_gradient_on_failure(ys, info.status)
     ys = jax.vmap(jax.vmap(pb.unravel))(ys) if batched else jax.vmap(pb.unravel)(ys)
     return (ys, info) if full_output else ys
 
