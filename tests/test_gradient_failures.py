@@ -144,3 +144,44 @@ def test_failed_solve_without_throw_has_nan_gradients(mode, max_steps):
         z = 1 / (1 - 0.2 * np.asarray(BLOW_TS))
         np.testing.assert_allclose(g_p[1], np.sum(np.asarray(BLOW_TS) * z**2), rtol=1e-4)
         np.testing.assert_allclose(g_z0[1], [np.sum(z**2)], rtol=1e-4)
+
+
+# ---- second derivatives (item 18) --------------------------------------------------------------------
+
+DECAY_TS = jnp.array([0.0, 0.5, 1.2])
+
+
+def _decay_loss(mode):
+    """L(x) = Σ_i Σ_j z_j(t_i) for z' = -k z, x = [k, z0_0, z0_1]: z_j(t) = z0_j e^{-k t}."""
+
+    def loss(x):
+        ys = jaxode.odesolve(lambda z, t, k: -k * z, x[1:], DECAY_TS, x[0], gradient=mode,
+                             rtol=1e-11, atol=1e-11)
+        return jnp.sum(ys)
+
+    return loss
+
+
+def _decay_hessian(x):
+    """H_kk = S Σ t_i² e^{-k t_i} (S = Σ z0), H_{k z0_j} = -Σ t_i e^{-k t_i}, H_{z0 z0} = 0."""
+    k, s, t = float(x[0]), float(np.sum(x[1:])), np.asarray(DECAY_TS)
+    e = np.exp(-k * t)
+    cross = -np.sum(t * e)
+    return np.array([[s * np.sum(t**2 * e), cross, cross], [cross, 0, 0], [cross, 0, 0]])
+
+
+X = jnp.array([0.7, 1.0, -2.5])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hessian(mode):
+    np.testing.assert_allclose(jax.jit(jax.hessian(_decay_loss(mode)))(X), _decay_hessian(X),
+                               rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_grad_of_grad(mode):
+    """Reverse over reverse: ∂/∂x of ∂L/∂k, the first row of the Hessian."""
+    loss = _decay_loss(mode)
+    g = jax.jit(jax.grad(lambda x: jax.grad(loss)(x)[0]))(X)
+    np.testing.assert_allclose(g, _decay_hessian(X)[0], rtol=1e-7, atol=1e-9)
