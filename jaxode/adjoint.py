@@ -88,11 +88,38 @@ def forward(
 ):
     """The plain solve: ``(ys, info)`` with ``ys`` of shape ``(len(ts), n)`` (and, with
     ``last_step``, the step size the controller proposed at the end)."""
+    if gradient is not None:  # the loop itself is differentiated
+        field = _no_derivative_where_nonfinite(field)
     state = integrate(
         lambda y, t: field(y, t, diff, nondiff), y0, ts, rtol, atol, dt0,
         tableau=cfg.tableau, max_steps=cfg.max_steps, gradient=gradient,
     )
     return (state.ys, info_of(state)) + ((state.h,) if last_step else ())
+
+
+def _no_derivative_where_nonfinite(field: FlatField) -> FlatField:
+    """``field``, with a zero derivative at an evaluation whose input or value is not finite.
+
+    Such an evaluation belongs to a step attempt that is rejected (or to a failed solve): its
+    cotangents are zero, but ``0 · ∂f/∂z`` with an infinite ``∂f/∂z`` (``z³`` at an overflowed
+    stage, say) is NaN and would poison every gradient. The derivative is masked on both
+    sides, ``where(ok, J where(ok, v, 0), 0)``, so that its transpose is masked too.
+    """
+
+    @jax.custom_jvp
+    def masked(y, t, diff, nondiff):
+        return field(y, t, diff, nondiff)
+
+    @masked.defjvp
+    def _jvp(primals, tangents):
+        y, t = primals[:2]
+        out = field(*primals)
+        ok = jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(t)) & jnp.all(jnp.isfinite(out))
+        mask = lambda v: jnp.where(ok, v, jnp.zeros_like(v)) if jnp.issubdtype(v.dtype, jnp.inexact) else v  # noqa: E731
+        _, t_out = jax.jvp(field, primals, jax.tree_util.tree_map(mask, tangents))
+        return out, mask(t_out)
+
+    return masked
 
 
 def backward(

@@ -185,3 +185,26 @@ def test_grad_of_grad(mode):
     loss = _decay_loss(mode)
     g = jax.jit(jax.grad(lambda x: jax.grad(loss)(x)[0]))(X)
     np.testing.assert_allclose(g, _decay_hessian(X)[0], rtol=1e-7, atol=1e-9)
+
+
+# ---- a rejected step attempt that overflowed ---------------------------------------------------------
+
+
+def _cubic_decay(z, t, p):
+    return -p * z**3  # z = z0 / sqrt(1 + 2 p z0² t); explicit stages from a huge step overflow
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rejected_overflowing_step_leaves_gradients_finite(mode):
+    """dt0 = 100 on z' = -z³: the first attempts overflow (inf, NaN stages) and are rejected.
+    Their zero cotangents must not meet the infinite derivatives (0 · inf = NaN).
+    At z0 = 1, p = 1: ∂z(t)/∂p = -t (1 + 2t)^{-3/2}, ∂z(t)/∂z0 = (1 + 2t)^{-3/2}."""
+    t1 = 100.0
+
+    def loss(z0, p):
+        ys = jaxode.odesolve(_cubic_decay, z0, jnp.array([0.0, t1]), p, gradient=mode, dt0=t1, **TIGHT)
+        return jnp.sum(ys[-1])
+
+    g_z0, g_p = jax.jit(jax.grad(loss, argnums=(0, 1)))(ONE, 1.0)
+    np.testing.assert_allclose(g_z0, [(1 + 2 * t1) ** -1.5], rtol=2e-5)
+    np.testing.assert_allclose(g_p, -t1 * (1 + 2 * t1) ** -1.5, rtol=2e-5)
