@@ -122,8 +122,9 @@ def odesolve(
             traffic at every stage. Use it for a loss summed over a batch that wants
             per-sample step sizes. ``f`` still sees one problem's ``z``. Default ``False``.
         throw: on failure (more than ``max_steps`` steps, step size underflow, a non-finite
-            state) raise an error naming the cause, also under ``jax.jit`` (default ``True``);
-            with ``False`` the outputs not reached are NaN and ``info.status`` is nonzero.
+            state) raise an error naming the cause, also under ``jax.jit`` and when only a
+            derivative or ``info`` is used (default ``True``); with ``False`` the outputs not
+            reached are NaN, ``info.status`` is nonzero, and every derivative is NaN.
         full_output: also return an ``Info`` (default ``False``).
 
     Returns:
