@@ -115,7 +115,11 @@ def _no_derivative_where_nonfinite(field: FlatField) -> FlatField:
         y, t = primals[:2]
         out = field(*primals)
         ok = jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(t)) & jnp.all(jnp.isfinite(out))
-        mask = lambda v: jnp.where(ok, v, jnp.zeros_like(v)) if jnp.issubdtype(v.dtype, jnp.inexact) else v  # noqa: E731
+
+        def mask(v):
+            dtype = jnp.result_type(v)
+            return jnp.where(ok, v, 0).astype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else v
+
         _, t_out = jax.jvp(field, primals, jax.tree_util.tree_map(mask, tangents))
         return out, mask(t_out)
 
