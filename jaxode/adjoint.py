@@ -88,6 +88,8 @@ def forward(
 ):
     """The plain solve: ``(ys, info)`` with ``ys`` of shape ``(len(ts), n)`` (and, with
     ``last_step``, the step size the controller proposed at the end)."""
+    if gradient is not None:  # the loop itself is differentiated
+        field = _no_derivative_where_nonfinite(field)
     state = integrate(
         lambda y, t: field(y, t, diff, nondiff), y0, ts, rtol, atol, dt0,
         tableau=cfg.tableau, max_steps=cfg.max_steps, gradient=gradient,
@@ -95,13 +97,45 @@ def forward(
     return (state.ys, info_of(state)) + ((state.h,) if last_step else ())
 
 
-def backward(field: FlatField, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0, cfg: Config):
+def _no_derivative_where_nonfinite(field: FlatField) -> FlatField:
+    """``field``, with a zero derivative at an evaluation whose input or value is not finite.
+
+    Such an evaluation belongs to a step attempt that is rejected (or to a failed solve): its
+    cotangents are zero, but ``0 · ∂f/∂z`` with an infinite ``∂f/∂z`` (``z³`` at an overflowed
+    stage, say) is NaN and would poison every gradient. The derivative is masked on both
+    sides, ``where(ok, J where(ok, v, 0), 0)``, so that its transpose is masked too.
+    """
+
+    @jax.custom_jvp
+    def masked(y, t, diff, nondiff):
+        return field(y, t, diff, nondiff)
+
+    @masked.defjvp
+    def _jvp(primals, tangents):
+        y, t = primals[:2]
+        out = field(*primals)
+        ok = jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(t)) & jnp.all(jnp.isfinite(out))
+
+        def mask(v):
+            dtype = jnp.result_type(v)
+            return jnp.where(ok, v, 0).astype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else v
+
+        _, t_out = jax.jvp(field, primals, jax.tree_util.tree_map(mask, tangents))
+        return out, mask(t_out)
+
+    return masked
+
+
+def backward(
+    field: FlatField, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0, cfg: Config, gradient: str | None = None
+):
     """The backward augmented solve: ``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, info)``.
 
     ``ys``: the forward outputs ``(T, n)``; ``ct_ys``: ``∂L/∂ys``, same shape; ``dt0``: the
     first step to try (``None``: automatic). ``info.nfe`` counts evaluations of the augmented
     field (one ``jax.vjp`` of ``f`` each); ``∂L/∂ts`` takes ``T - 1`` more evaluations of ``f``
     at the outputs, in one batch (removed by XLA when ``ts`` is not differentiated).
+    ``gradient``: the driver, as for ``forward``.
     """
     num_out, n = ys.shape
     theta, unravel = ravel_pytree(diff)
@@ -126,7 +160,7 @@ def backward(field: FlatField, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0, cf
     parts = ((0, n), (n, 2 * n)) if cfg.seminorm else ((0, n), (n, 2 * n), (2 * n, 2 * n + p + 1))
     state = integrate(
         augmented, y_init, ts[::-1], rtol, atol, dt0, tableau=cfg.tableau,
-        max_steps=cfg.max_steps, jump=jump, save_outputs=False, segments=parts,
+        max_steps=cfg.max_steps, jump=jump, save_outputs=False, segments=parts, gradient=gradient,
     )
     y = state.y
     fs = jax.vmap(lambda yi, ti: field(yi, ti, diff, nondiff))(ys[1:], ts[1:])
@@ -221,27 +255,33 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
 def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol, cfg: Config):
     """``(ys, info)`` whose reverse-mode derivative is given by the backward adjoint solve."""
 
-    fwd_solve, bwd_solve = (forward_batched, backward_batched) if cfg.batched else (forward, backward)
+    if cfg.batched:
+        fwd_solve = lambda *a, **o: forward_batched(field, *a, cfg, **o)  # noqa: E731
+        bwd_solve = lambda *a: backward_batched(field, *a, cfg)  # noqa: E731
+    else:  # the rules themselves differentiable: second derivatives
+        fwd_solve = lambda *a, **o: _differentiated_by_backprop(forward, field, cfg, **o)(*a)  # noqa: E731
+        bwd_solve = lambda *a: _differentiated_by_backprop(backward, field, cfg)(*a)  # noqa: E731
 
     @jax.custom_vjp
     def _solve(y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol):
-        return fwd_solve(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg)
+        return fwd_solve(y0, ts, diff, nondiff, rtol, atol, dt0)
 
     def _fwd(y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol):
-        ys, info, last_step = fwd_solve(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg, last_step=True)
+        ys, info, last_step = fwd_solve(y0, ts, diff, nondiff, rtol, atol, dt0, last_step=True)
         if cfg.tableau.adaptive:  # the backward solve starts with the forward's last step size
             dt0 = last_step
-        return (ys, info), (ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
+        residuals = (ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol, info.status)
+        return (ys, info), residuals
 
     def _bwd(residuals, cotangents):
-        ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol = residuals
+        ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol, fwd_status = residuals
         ct_ys, _ = cotangents
-        ct_y0, ct_ts, ct_diff, info = bwd_solve(
-            field, ys, ts, diff, nondiff, ct_ys, adjoint_rtol, adjoint_atol, dt0, cfg
-        )
-        failed = jnp.any(info.status != errors.SUCCESS)
+        ct_y0, ct_ts, ct_diff, info = bwd_solve(ys, ts, diff, nondiff, ct_ys, adjoint_rtol, adjoint_atol, dt0)
+        # a failed forward solve (NaN outputs) fails the backward one: report the forward's cause
+        fwd_status = jnp.max(fwd_status)
+        status = jnp.where(fwd_status != errors.SUCCESS, fwd_status, jnp.max(info.status))
+        failed = status != errors.SUCCESS
         if cfg.throw:  # attached to every cotangent: any one that is used carries the check
-            status = jnp.max(info.status)
             ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), status)
         else:
             nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x)  # noqa: E731
@@ -252,3 +292,26 @@ def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol
 
     _solve.defvjp(_fwd, _bwd)
     return _solve(y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
+
+
+def _differentiated_by_backprop(solve: Callable, field: FlatField, cfg: Config, **options) -> Callable:
+    """``solve(field, *arrays, cfg, **options)`` (``forward`` or ``backward``) as a function of
+    ``arrays``, whose derivatives, when it is differentiated itself, are those of the same
+    solve run by the backprop driver (checkpointed scans, step sizes held constant).
+
+    The plain drivers (``lax.while_loop``) can be differentiated in forward mode only, and
+    their ``jax.vmap`` rule does not compose with it. This makes the custom rules of ``solve``
+    below differentiable, so second derivatives of the adjoint mode (``jax.hessian``,
+    ``jax.grad`` of ``jax.grad``) work; a first-order gradient runs the plain drivers only.
+    """
+
+    @jax.custom_jvp
+    def run(*arrays):
+        return solve(field, *arrays, cfg, **options)
+
+    @run.defjvp
+    def _jvp(primals, tangents):
+        by_backprop = lambda *a: solve(field, *a, cfg, gradient="backprop", **options)  # noqa: E731
+        return jax.jvp(by_backprop, primals, tangents)
+
+    return run

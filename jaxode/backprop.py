@@ -146,7 +146,7 @@ def custom_vjp_while(
     fast_body = body if fast_body is None else fast_body
     carry_leaves, carry_tree = jax.tree_util.tree_flatten(carry)
     out_leaves, out_tree = jax.tree_util.tree_flatten(outputs)
-    is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in carry_leaves]
+    is_float = _is_inexact(carry_leaves)
 
     def as_flat(fn):
         def flat_fn(c, o):
@@ -180,17 +180,78 @@ def custom_vjp_while(
     def run(c, o, consts):
         return forward_loop(consts, c, o, None)[:2]
 
-    def run_fwd(c, o, consts):
+    def transposable_loop(c, o, consts):
+        """The same loop, by ``checkpointed_while`` over ``body``: what the custom rules are
+        differentiated as when they are differentiated themselves (second derivatives)."""
+        body_c, _, cond_c = consts
+
+        def step(state):
+            c, o, k = state
+            return *run_body(body_c, c, o), k + 1
+
+        within_budget = lambda s: run_cond(cond_c, s[0]) & (s[2] < max_steps)  # noqa: E731
+        return checkpointed_while(within_budget, step, (c, o, jnp.zeros((), jnp.int32)), max_steps)[:2]
+
+    @jax.custom_jvp
+    def taped_loop(c, o, consts):
         slots = [jnp.zeros((num_slots,) + jnp.shape(x), jnp.result_type(x)) for x in c]
         zero = jnp.zeros((), jnp.int32)
-        c, o, tape, steps = forward_loop(consts, c, o, _Tape(slots, zero, zero + 1))
-        return (c, o), (tape, steps, consts)
+        return forward_loop(consts, c, o, _Tape(slots, zero, zero + 1))
+
+    @taped_loop.defjvp
+    def _taped_loop_jvp(primals, tangents):
+        c, o, tape, steps = taped_loop(*primals)
+        _, (t_c, t_o) = jax.jvp(transposable_loop, primals, tangents)
+        # the tape is read by run_bwd, whose own derivative (reverse's) does not use it
+        return (c, o, tape, steps), (t_c, t_o) + jax.tree_util.tree_map(zero_cotangent, (tape, steps))
+
+    def run_fwd(c0, o, consts):
+        c, o, tape, steps = taped_loop(c0, o, consts)
+        return (c, o), (tape, steps, consts, c0)
 
     def run_bwd(residuals, cotangents):
-        tape, steps, consts = residuals
+        tape, steps, consts, c0 = residuals
         ct_c, ct_o = cotangents
         body_c = consts[0]
-        float_consts = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in body_c]
+        float_consts = _is_inexact(body_c)
+        ct_c, ct_o, ct_consts = reverse(tape, steps, consts, c0, _where(is_float, ct_c), ct_o)
+        float0 = lambda xs: [zero_cotangent(x) for x in xs]  # noqa: E731
+        ct_c = _merge(is_float, ct_c, float0(_where(is_float, c0, False)))
+        ct_body = _merge(float_consts, ct_consts, float0(_where(float_consts, body_c, False)))
+        return ct_c, ct_o, (ct_body, float0(consts[1]), float0(consts[2]))
+
+    @jax.custom_jvp
+    def reverse(tape, steps, consts, c0, ct_c, ct_o):
+        """The cotangents of the float leaves of the initial carry, of the initial outputs and
+        of the float body constants, from those of the final carry's float leaves and outputs."""
+        return reverse_by_checkpoints(tape, steps, consts, ct_c, ct_o)
+
+    @reverse.defjvp
+    def _reverse_jvp(primals, tangents):
+        """Differentiated as the transpose of ``transposable_loop`` (the tape is not used)."""
+        _, _, consts, c0, ct_c, ct_o = primals
+        _, _, t_consts, t_c0, t_ct_c, t_ct_o = tangents
+        body_c = consts[0]
+        float_consts = _is_inexact(body_c)
+
+        def by_transposable_loop(body_float, c0_float, ct_c, ct_o):
+            def fn(c_float, o, body_float):
+                body_all = _merge(float_consts, body_float, _where(float_consts, body_c, False))
+                c_all = _merge(is_float, c_float, _where(is_float, c0, False))
+                new_c, new_o = transposable_loop(c_all, o, (body_all,) + tuple(consts[1:]))
+                return _where(is_float, new_c), new_o
+
+            zeros_o = [jnp.zeros_like(x) for x in ct_o]  # outputs enter linearly
+            return jax.vjp(fn, c0_float, zeros_o, body_float)[1]((ct_c, ct_o))
+
+        args = (_where(float_consts, body_c), _where(is_float, c0), ct_c, ct_o)
+        t_args = (_where(float_consts, t_consts[0]), _where(is_float, t_c0), t_ct_c, t_ct_o)
+        return jax.jvp(by_transposable_loop, args, t_args)
+
+    def reverse_by_checkpoints(tape, steps, consts, ct_c, ct_o):
+        """``reverse`` by the checkpoints (see the module docstring)."""
+        body_c = consts[0]
+        float_consts = _is_inexact(body_c)
 
         def vjp_body(c, ct_c, ct_o):
             """The cotangents of one iteration's inputs from those of its outputs."""
@@ -232,14 +293,9 @@ def custom_vjp_while(
             ct_c, ct_o, ct_consts = lax.fori_loop(0, length, back, (ct_c, ct_o, ct_consts))
             return ct_c, ct_o, ct_consts, buffer
 
-        ct_c = [x for x, f in zip(ct_c, is_float) if f]
         ct_consts = [jnp.zeros_like(x) for x, f in zip(body_c, float_consts) if f]
         buffer = [jnp.zeros((max_stride,) + s.shape[1:], s.dtype) for s in tape.slots]
-        ct_c, ct_o, ct_consts, _ = lax.fori_loop(0, tape.count, segment, (ct_c, ct_o, ct_consts, buffer))
-        float0 = lambda xs: [zero_cotangent(x) for x in xs]  # noqa: E731
-        ct_c = _merge(is_float, ct_c, float0([s[0] for s, f in zip(tape.slots, is_float) if not f]))
-        ct_body = _merge(float_consts, ct_consts, float0([x for x, f in zip(body_c, float_consts) if not f]))
-        return ct_c, ct_o, (ct_body, float0(consts[1]), float0(consts[2]))
+        return lax.fori_loop(0, tape.count, segment, (ct_c, ct_o, ct_consts, buffer))[:3]
 
     run.defvjp(run_fwd, run_bwd)
     c, o = run(carry_leaves, out_leaves, (body_consts, fast_consts, cond_consts))
@@ -262,6 +318,15 @@ def _record(tape: _Tape, carry: list, iteration: Array, num_slots: int) -> _Tape
         count == num_slots, thin, lambda *a: a, slots, count, tape.stride
     )
     return _Tape(slots, count, stride)
+
+
+def _is_inexact(xs: list) -> list:
+    return [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in xs]
+
+
+def _where(mask: list, xs: list, value: bool = True) -> list:
+    """The ``xs`` whose ``mask`` is ``value``."""
+    return [x for x, m in zip(xs, mask) if m == value]
 
 
 def _merge(mask: list, chosen: list, others: list) -> list:

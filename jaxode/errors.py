@@ -8,6 +8,7 @@ compiled function and unwraps it, so an eager call raises the ``SolveError`` its
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import equinox as eqx
@@ -85,6 +86,13 @@ def fail_if(x, code, messages):
     ``cond`` becomes ``select``, the callback itself looks at the codes); its zero result is
     added to every floating leaf of ``x``, so any output that is used carries the check.
     """
+    token = _failure_token(code, messages)
+    return jax.tree_util.tree_map(lambda a: a + token.astype(a.dtype) if _is_float(a) else a, x)
+
+
+def _failure_token(code, messages) -> Array:
+    """A zero (int32 scalar) whose computation raises ``SolveError(messages[code])`` when the
+    program runs, if ``code`` is nonzero: add it to a value to attach the check to it."""
     code = jax.lax.stop_gradient(jnp.asarray(code, jnp.int32))
     messages = tuple(messages)
 
@@ -94,8 +102,7 @@ def fail_if(x, code, messages):
             vmap_method="broadcast_all",
         )
 
-    token = jax.lax.cond(jnp.any(code != 0), check, lambda c: jnp.zeros((), jnp.int32), code)
-    return jax.tree_util.tree_map(lambda a: a + token.astype(a.dtype) if _is_float(a) else a, x)
+    return jax.lax.cond(jnp.any(code != 0), check, lambda c: jnp.zeros((), jnp.int32), code)
 
 
 def _is_float(a) -> bool:
@@ -233,8 +240,46 @@ def solve_error_message(error: BaseException) -> str | None:
 def raise_on_failure(x, status):
     """Raises (also under ``jit``) the message of ``status`` if it is not ``SUCCESS``.
 
-    The check is made on a scalar that is then added (as 0) to every floating leaf of ``x``:
-    any output that is used carries the check, and a sharded output keeps its sharding (a
-    check attached to the whole array would make XLA replicate it onto every device).
+    The check is made on a scalar that is then added (as 0) to every leaf of ``x``: any
+    output that is used carries the check, and a sharded output keeps its sharding (a check
+    attached to the whole array would make XLA replicate it onto every device). Derivatives
+    carry it too: tangents (and so cotangents) are multiplied by ``1 + 0`` taken from the
+    check, so ``jit(grad(...))`` or a ``jvp`` whose primal outputs are dead still raises.
     """
-    return fail_if(x, status, STATUS_MESSAGES)
+    return _guarded(True, x, jax.lax.stop_gradient(jnp.max(status)))
+
+
+def nan_gradient_on_failure(x, status):
+    """``x`` unchanged, but its tangents (and so the cotangents of whatever ``x`` came
+    from) are NaN where ``status`` is not ``SUCCESS``: a failed solve has no gradient.
+
+    ``status``: a scalar, or one per leading index of every leaf of ``x`` (a batch).
+    """
+    return _guarded(False, x, jax.lax.stop_gradient(status))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _guarded(throw: bool, x, status):
+    return _guard_and_scale(throw, x, status)[0]
+
+
+@_guarded.defjvp
+def _guarded_jvp(throw, primals, tangents):
+    x, status = primals
+    out, scale = _guard_and_scale(throw, x, status)
+
+    def scaled(t):
+        if not jnp.issubdtype(t.dtype, jnp.inexact):  # float0: integer leaves have no tangent
+            return t
+        return t * jnp.reshape(scale, scale.shape + (1,) * (t.ndim - scale.ndim)).astype(t.dtype)
+
+    return out, jax.tree_util.tree_map(scaled, tangents[0])
+
+
+def _guard_and_scale(throw: bool, x, status):
+    """``(x with the check attached, tangent scale)``: the check's ``1 + 0`` with ``throw``,
+    else 1, or NaN where failed."""
+    if not throw:
+        return x, jnp.where(status != SUCCESS, jnp.nan, 1.0)
+    token = _failure_token(status, STATUS_MESSAGES)
+    return jax.tree_util.tree_map(lambda a: a + token.astype(a.dtype), x), 1.0 + token

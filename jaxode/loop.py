@@ -291,7 +291,8 @@ def make_loop(
         step = rk_step(tableau, g, t, y, h_used, state.f, t_new)
         finite = jnp.all(jnp.isfinite(step.y_new))
         if tableau.adaptive:
-            ratio = error_ratio(step, y, rtol, atol, segments)
+            # step control only, never differentiated: the norm's derivative at a zero error is inf
+            ratio = lax.stop_gradient(error_ratio(step, y, rtol, atol, segments))
             for error in (step.error, step.error3):
                 finite = finite & (True if error is None else jnp.all(jnp.isfinite(error)))
             ratio = jnp.where(finite, ratio, jnp.inf)

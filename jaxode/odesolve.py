@@ -178,8 +178,9 @@ def odesolve(
             traffic at every stage. Use it for a loss summed over a batch that wants
             per-sample step sizes. ``f`` still sees one problem's ``z``. Default ``False``.
         throw: on failure (more than ``max_steps`` steps, step size underflow, a non-finite
-            state) raise an error naming the cause, also under ``jax.jit`` (default ``True``);
-            with ``False`` the outputs not reached are NaN and ``info.status`` is nonzero.
+            state) raise an error naming the cause, also under ``jax.jit`` and when only a
+            derivative or ``info`` is used (default ``True``); with ``False`` the outputs not
+            reached are NaN, ``info.status`` is nonzero, and every derivative is NaN.
         full_output: also return an ``Info`` (default ``False``).
 
     Returns:
@@ -251,8 +252,8 @@ def _solve(f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol, stati
     pb = _prepare(f, z0, ts, params, rtol, atol, dt0, batched, static.checked)
     cfg = Config(tableau, max_steps, static.seminorm, throw, batched)
     if gradient == "adjoint":
-        a_rtol = pb.rtol if adjoint_rtol is None else jnp.asarray(adjoint_rtol, pb.y0.dtype)
-        a_atol = pb.atol if adjoint_atol is None else jnp.asarray(adjoint_atol, pb.y0.dtype)
+        a_rtol = pb.rtol if adjoint_rtol is None else jnp.asarray(adjoint_rtol, pb.rtol.dtype)
+        a_atol = pb.atol if adjoint_atol is None else jnp.asarray(adjoint_atol, pb.atol.dtype)
         ys, info = adjoint.solve(
             pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, a_rtol, a_atol, cfg
         )
@@ -262,8 +263,10 @@ def _solve(f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol, stati
             pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg,
             gradient=gradient,
         )
-    if throw:
-        ys = errors.raise_on_failure(ys, jnp.max(info.status))
+    if throw:  # on info too: a caller may use info alone
+        ys, info = errors.raise_on_failure((ys, info), info.status)
+    else:
+        ys = errors.nan_gradient_on_failure(ys, info.status)
     ys = jax.vmap(jax.vmap(pb.unravel))(ys) if batched else jax.vmap(pb.unravel)(ys)
     return (ys, info) if full_output else ys
 
@@ -303,16 +306,26 @@ def adjoint_backward_info(
     rtol, atol = options.get("rtol", 1e-6), options.get("atol", 1e-6)
     dt0, max_steps = options.get("dt0"), options.get("max_steps", 4096)
     errors.check_options(tableau, rtol, atol, dt0, max_steps, "adjoint")
-    pb = _prepare(f, _as_state(z0), ts, params, rtol, atol, dt0)
     cfg = Config(tableau, max_steps, options.get("adjoint_seminorm", False))
+    tols = [options.get(k) for k in ("adjoint_rtol", "adjoint_atol")]
+    tols = [None if x is None else jnp.asarray(x) for x in (rtol, atol, dt0, *tols)]
+    return _backward_info_compiled(f, _as_state(z0), ts, params, cotangent, *tols, cfg)
+
+
+def _backward_info(f, z0, ts, params, cotangent, rtol, atol, dt0, adjoint_rtol, adjoint_atol, cfg: Config):
+    """``adjoint_backward_info``'s solves, compiled as ``odesolve``'s are."""
+    pb = _prepare(f, z0, ts, params, rtol, atol, dt0)
     ys, fwd_info, last_step = adjoint.forward(
         pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg, last_step=True
     )
     ct = jnp.ones_like(ys) if cotangent is None else jax.vmap(lambda c: ravel_pytree(c)[0])(cotangent)
-    a_rtol = pb.rtol if options.get("adjoint_rtol") is None else options["adjoint_rtol"]
-    a_atol = pb.atol if options.get("adjoint_atol") is None else options["adjoint_atol"]
+    a_rtol = pb.rtol if adjoint_rtol is None else jnp.asarray(adjoint_rtol, pb.rtol.dtype)
+    a_atol = pb.atol if adjoint_atol is None else jnp.asarray(adjoint_atol, pb.atol.dtype)
     ct_y0, ct_ts, _, bwd_info = adjoint.backward(
-        pb.field, ys, pb.ts, pb.diff, pb.nondiff, ct, jnp.asarray(a_rtol, pb.y0.dtype),
-        jnp.asarray(a_atol, pb.y0.dtype), last_step if tableau.adaptive else pb.dt0, cfg,
+        pb.field, ys, pb.ts, pb.diff, pb.nondiff, ct, a_rtol, a_atol,
+        last_step if cfg.tableau.adaptive else pb.dt0, cfg,
     )
     return (ct_y0, ct_ts), (fwd_info, bwd_info)
+
+
+_backward_info_compiled = eqx.filter_jit(_backward_info)

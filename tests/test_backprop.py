@@ -73,6 +73,32 @@ def test_custom_vjp_while_equals_the_unrolled_loop(max_steps):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("max_steps", [13, 40])
+def test_custom_vjp_while_second_derivatives(max_steps):
+    """x <- x * a + c for 40 iterations (at most max_steps): ∂²x/∂a² and ∂²x/∂a∂c, by reverse
+    over reverse and forward over reverse, equal the unrolled loop's (the checkpoint slots
+    thinned: the reverse sweep recomputes segments)."""
+    k = min(40, max_steps)
+
+    def run(a, c, driver):
+        if driver == "unrolled":
+            x = jnp.array(0.3)
+            for _ in range(k):
+                x = x * a + c
+            return x
+
+        body = lambda carry, o: ((carry[0] + 1, carry[1] * a + c), o)  # noqa: E731
+        cond = lambda carry: carry[0] < 40  # noqa: E731
+        return custom_vjp_while(cond, body, (jnp.asarray(0), jnp.array(0.3)), jnp.zeros(1), max_steps)[0][1]
+
+    args = (jnp.array(1.02), jnp.array(-0.2))
+    want = jax.hessian(run, argnums=(0, 1))(*args, "unrolled")[0]
+    rev_rev = jax.jit(jax.grad(lambda a, c: jax.grad(run)(a, c, "custom"), argnums=(0, 1)))(*args)
+    fwd_rev = jax.jit(jax.jacfwd(lambda a, c: jax.grad(run)(a, c, "custom"), argnums=(0, 1)))(*args)
+    for got in (rev_rev, fwd_rev):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def _mode_grads(mode, solver, max_steps, **options):
     def loss(z0, ts, p):
         ys = jaxode.odesolve(forced_oscillator, z0, ts, p, solver=solver, gradient=mode,
