@@ -20,6 +20,7 @@ def test_readme_snippets_run_and_hold():
             assert float(namespace["value"]) < 0.05
     assert namespace["ys"].shape == (101, 2)
     assert int(namespace["info"].status) == 0
+    assert namespace["message"].startswith("jaxode: the solve took max_steps")
     adjoint = namespace["jax"].grad(namespace["loss"])(namespace["p"], "adjoint")
     backprop = namespace["jax"].grad(namespace["loss"])(namespace["p"], "backprop")
     np.testing.assert_allclose(adjoint, backprop, rtol=1e-6)
