@@ -179,23 +179,35 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
     used = [i for i, b in enumerate(tableau.b) if b != 0]
     weights = jnp.asarray([tableau.b[i] for i in used], dtype)
 
-    def parameter_increment(record):
-        """``-Σ_b h_b Σ_i b_i a_bi·∂f/∂θ(z_bi, t_bi)`` for the batch's last step attempts."""
+    def parameter_increment(record, counted):
+        """``-Σ_b h_b Σ_i b_i a_bi·∂f/∂θ(z_bi, t_bi)`` over the problems whose last step
+        attempt was ``counted`` (accepted while running).
+
+        The others are excluded by selection, not by a zero factor: a rejected attempt's
+        stage inputs may be non-finite (or where ``f`` is), and ``0·NaN`` is NaN. Their stages
+        are replaced by the attempt's first (its starting state, an accepted one) and their
+        cotangents by exact zeros.
+        """
         if theta.shape[0] == 0:
-            return jnp.zeros(0, dtype)
-        z, a = record.inputs[:, used, :n], record.inputs[:, used, n : 2 * n]
-        times = record.times[:, used]
+            return jnp.zeros_like(theta)
+        keep = counted[:, None, None]
+        inputs = jnp.where(keep, record.inputs[:, used], record.inputs[:, :1])
+        times = jnp.where(keep[..., 0], record.times[:, used], record.times[:, :1])
+        z, a = inputs[..., :n], inputs[..., n : 2 * n]
         f_all = lambda th: jax.vmap(jax.vmap(lambda z, t: field(z, t, unravel(th), nondiff)))(z, times)  # noqa: E731
         _, vjp = jax.vjp(f_all, theta)
-        cotangent = -(record.h[:, None] * weights[None, :])[..., None] * a
+        cotangent = jnp.where(keep, -(record.h[:, None] * weights[None, :])[..., None] * a, 0)
         return vjp(cotangent.astype(dtype))[0]
 
     def step_one(state, ys_b, ct_b, dt0_b):
+        """One step attempt of a problem still running (else its state is kept), and whether
+        it is counted in the parameter adjoint: running and accepted."""
         loop = loop_for(ys_b, ct_b, dt0_b)
         active = loop.running(state)
         new, record = loop.step(state)
+        counted = active & (new.num_accepted > state.num_accepted)
         new = jax.tree_util.tree_map(lambda x, y: jnp.where(active, x, y), new, state)
-        return new, record._replace(h=jnp.where(active, record.h, 0))
+        return new, record, counted
 
     def running_all(carry):
         states, _ = carry
@@ -203,8 +215,8 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
 
     def body(carry):
         states, acc = carry
-        states, record = jax.vmap(step_one)(states, ys, ct_ys, dt0s)
-        return states, acc + parameter_increment(record)
+        states, record, counted = jax.vmap(step_one)(states, ys, ct_ys, dt0s)
+        return states, acc + parameter_increment(record, counted)
 
     init = jax.vmap(lambda *a: loop_for(*a).init())(ys, ct_ys, dt0s)
     states, ct_theta = jax.lax.while_loop(running_all, body, (init, jnp.zeros_like(theta)))
@@ -246,9 +258,10 @@ def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol
         else:
             nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x)  # noqa: E731
             ct_y0, ct_ts, ct_diff = jax.tree_util.tree_map(nan_if_failed, (ct_y0, ct_ts, ct_diff))
-        unused = (nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
-        zeros = jax.tree_util.tree_map(zero_cotangent, unused)
-        return (ct_y0, ct_ts, ct_diff) + zeros
+        unused = (nondiff, rtol, atol, adjoint_rtol, adjoint_atol)
+        nondiff, rtol, atol, adjoint_rtol, adjoint_atol = jax.tree_util.tree_map(zero_cotangent, unused)
+        # dt0: None, a zero cotangent of the primal's shape (its residual, the last steps, is (B,) if batched)
+        return (ct_y0, ct_ts, ct_diff, nondiff, rtol, atol, None, adjoint_rtol, adjoint_atol)
 
     _solve.defvjp(_fwd, _bwd)
     return _solve(y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
