@@ -110,8 +110,11 @@ def backward(field: FlatField, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0, cf
     ct_ys = ct_ys.astype(ys.dtype)
 
     def augmented(y, t):
+        # y (and so t) may be wider than the state when θ is (float64 θ, float32 z): f gets
+        # z and t in the state's dtype, as it was traced
         z, a = y[:n].astype(ys.dtype), y[n : 2 * n].astype(ys.dtype)
-        fz, vjp = jax.vjp(lambda z, t, th: field(z, t, unravel(th), nondiff), z, t, theta)
+        f_at = lambda z, t, th: field(z, t.astype(ys.dtype), unravel(th), nondiff)  # noqa: E731
+        fz, vjp = jax.vjp(f_at, z, t, theta)
         gz, gt, gth = vjp(a)
         return jnp.concatenate([fz, -gz, -gth, -gt[None]]).astype(dtype)
 
@@ -163,7 +166,7 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
     tableau = cfg.tableau
 
     def augmented(y, t):
-        fz, vjp = jax.vjp(lambda z, t: field(z, t, diff, nondiff), y[:n], t)
+        fz, vjp = jax.vjp(lambda z, t: field(z, t.astype(dtype), diff, nondiff), y[:n], t)
         gz, gt = vjp(y[n : 2 * n])
         return jnp.concatenate([fz, -gz, -gt[None].astype(dtype)])
 
@@ -194,7 +197,8 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
         inputs = jnp.where(keep, record.inputs[:, used], record.inputs[:, :1])
         times = jnp.where(keep[..., 0], record.times[:, used], record.times[:, :1])
         z, a = inputs[..., :n], inputs[..., n : 2 * n]
-        f_all = lambda th: jax.vmap(jax.vmap(lambda z, t: field(z, t, unravel(th), nondiff)))(z, times)  # noqa: E731
+        f_one = lambda z, t, th: field(z, t.astype(dtype), unravel(th), nondiff)  # noqa: E731
+        f_all = lambda th: jax.vmap(jax.vmap(lambda z, t: f_one(z, t, th)))(z, times)  # noqa: E731
         _, vjp = jax.vjp(f_all, theta)
         cotangent = jnp.where(keep, -(record.h[:, None] * weights[None, :])[..., None] * a, 0)
         return vjp(cotangent.astype(dtype))[0]

@@ -90,8 +90,9 @@ def test_batched_adjoint_with_explicit_dt0():
 
 def mixed_field(z, t, p):
     """A float32 state with parameters of other dtypes (``p["a"]`` float64, ``p["b"]``
-    float32); the result is cast back to the state's dtype."""
-    return (-p["a"] * z * jnp.cos(t) + p["b"]).astype(z.dtype)
+    float32); the result is cast back to the state's dtype. ``z * t`` is a float32 product
+    (``t`` has the state's dtype) that fails if ``t`` comes in as float64."""
+    return (-p["a"] * z * jnp.cos(t) + p["b"] + 0.1 * z * t).astype(z.dtype)
 
 
 MIXED_PARAMS = {"a": jnp.array(0.8, jnp.float64), "b": jnp.array([0.1, -0.2], jnp.float32)}
