@@ -261,7 +261,9 @@ def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol
             ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), status)
         else:
             nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x)  # noqa: E731
-            ct_y0, ct_ts, ct_diff = jax.tree_util.tree_map(nan_if_failed, (ct_y0, ct_ts, ct_diff))
+            ct_ts, ct_diff = jax.tree_util.tree_map(nan_if_failed, (ct_ts, ct_diff))
+            # batched: only the failed problems' rows (status (B,), ct_y0 (B, n)), as under vmap
+            ct_y0 = jnp.where((info.status != errors.SUCCESS)[..., None], jnp.nan, ct_y0)
         unused = (nondiff, rtol, atol, adjoint_rtol, adjoint_atol)
         nondiff, rtol, atol, adjoint_rtol, adjoint_atol = jax.tree_util.tree_map(zero_cotangent, unused)
         # dt0: None, a zero cotangent of the primal's shape (its residual, the last steps, is (B,) if batched)

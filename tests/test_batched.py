@@ -128,3 +128,29 @@ def test_mixed_precision_parameters(mode, batched):
     np.testing.assert_allclose(g_z0, ref[0], rtol=2e-4, atol=2e-5)
     for k in ("a", "b"):
         np.testing.assert_allclose(g_p[k], ref[1][k], rtol=2e-4, atol=2e-5)
+
+
+def test_failing_problem_poisons_only_its_own_initial_state_cotangent():
+    """``throw=False``, one problem of the batch blows up (``z' = z²`` from 2 at ``t = 0.5``):
+    as under ``jax.vmap``, only its ``∂L/∂z0`` is NaN; the shared parameter's gradient, a sum
+    over all problems, is NaN."""
+    z0s = jnp.array([[0.2], [0.5], [2.0]])
+    ts = jnp.array([0.0, 1.0])
+    opts = dict(throw=False, full_output=True, max_steps=200)
+
+    def loss(z0s, k, batched):
+        f = lambda z, t, k: k * z**2  # noqa: E731
+        if batched:
+            ys, info = jaxode.odesolve(f, z0s, ts, k, batched=True, **opts)
+        else:
+            ys, info = jax.vmap(lambda z: jaxode.odesolve(f, z, ts, k, adjoint_seminorm=True, **opts))(z0s)
+        return jnp.sum(jnp.where(jnp.isfinite(ys), ys, 0.0)), info.status
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+    (g_z0, g_k), status = grad(z0s, jnp.array(1.0), True)
+    (v_z0, _), _ = grad(z0s, jnp.array(1.0), False)
+    np.testing.assert_array_equal(np.asarray(status) != 0, [False, False, True])
+    assert np.all(np.isnan(g_z0[2])) and np.isnan(g_k)
+    np.testing.assert_allclose(g_z0[:2], v_z0[:2], rtol=1e-12)
+    # z = z0 / (1 - z0 t): ∂(z0 + z(1))/∂z0 = 1 + 1 / (1 - z0)²
+    np.testing.assert_allclose(g_z0[:2, 0], 1 + 1 / (1 - z0s[:2, 0]) ** 2, rtol=1e-4)
