@@ -154,3 +154,20 @@ def test_failing_problem_poisons_only_its_own_initial_state_cotangent():
     np.testing.assert_allclose(g_z0[:2], v_z0[:2], rtol=1e-12)
     # z = z0 / (1 - z0 t): ∂(z0 + z(1))/∂z0 = 1 + 1 / (1 - z0)²
     np.testing.assert_allclose(g_z0[:2, 0], 1 + 1 / (1 - z0s[:2, 0]) ** 2, rtol=1e-4)
+
+
+def test_vmap_of_grad_keeps_per_sample_parameter_gradients():
+    """``jax.vmap(jax.grad(loss))`` over ``z0`` with shared ``ts`` and parameters asks for each
+    sample's own parameter gradient (``jax.grad(Σ vmap ...)`` for their sum). A batching rule
+    inside the adjoint's backward pass sees the same inputs in both cases, so it must not
+    return the summed parameter adjoint (guards against that shortcut)."""
+    z0s = jnp.array([[1.0], [-0.5], [2.0]])
+    k = jnp.array(0.5)
+    decay = lambda z, t, k: -k * z  # noqa: E731
+    loss = lambda z0, k: jnp.sum(jnp.sin(jaxode.odesolve(decay, z0, TS2, k, rtol=1e-10, atol=1e-10)))  # noqa: E731
+    per_sample = jax.jit(jax.vmap(jax.grad(loss, argnums=1), (0, None)))(z0s, k)
+    summed = jax.jit(jax.grad(lambda k: jnp.sum(jax.vmap(loss, (0, None))(z0s, k))))(k)
+    # z(2) = z0 e^{-2k}: ∂ sin(z(2))/∂k = -2 z(2) cos(z(2))
+    z2 = z0s[:, 0] * np.exp(-1.0)
+    np.testing.assert_allclose(per_sample, -2 * z2 * np.cos(z2), rtol=1e-8)
+    np.testing.assert_allclose(summed, np.sum(-2 * z2 * np.cos(z2)), rtol=1e-8)
