@@ -31,6 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax._src.interpreters.batching import BatchTracer as _BatchTracer  # no public name
 from jax.flatten_util import ravel_pytree
 
 from . import errors
@@ -270,4 +271,127 @@ def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol
         return (ct_y0, ct_ts, ct_diff, nondiff, rtol, atol, None, adjoint_rtol, adjoint_atol)
 
     _solve.defvjp(_fwd, _bwd)
-    return _solve(y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
+    args = (y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
+    if cfg.batched:
+        return _solve(*args)
+    many = lambda *args: solve(field, *args, cfg._replace(batched=True))  # noqa: E731
+    return _shared_parameters_under_vmap(_solve, many, args)
+
+
+def _batch_traced(tangents) -> bool:
+    """Whether ``jax.vmap`` batches these tangents from inside: a ``custom_jvp`` rule then runs
+    within the vmap (``grad(vmap(f))``); under ``vmap(grad(f))`` its tangents are the
+    differentiation's own tracers, the vmap outside them."""
+    return any(isinstance(t, _BatchTracer) for t in jax.tree_util.tree_leaves(tangents))
+
+
+def _float_tangents(tangents):
+    """The tangents without the ``float0`` ones (integer inputs), which are rebuilt by
+    ``_all_tangents`` (``custom_vmap`` passes no ``float0`` arrays)."""
+    return jax.tree_util.tree_map(lambda t: None if t.dtype == jax.dtypes.float0 else t, tangents)
+
+
+def _all_tangents(primals, tangents):
+    """``tangents`` completed with ``float0`` zeros for the integer leaves of ``primals``."""
+    def one(p, t):
+        return zero_cotangent(p) if t is None else t
+
+    return jax.tree_util.tree_map(one, primals, tangents, is_leaf=lambda x: x is None)
+
+
+def _broadcast(tree, batched, axis_size):
+    """Every leaf of ``tree`` with a leading batch axis (added where ``batched`` is False)."""
+    def one(x, b):
+        return x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+
+    return jax.tree_util.tree_map(one, tree, batched)
+
+
+def _shared_parameters_under_vmap(one: Callable, many: Callable, args: tuple):
+    """``one(*args)`` (the adjoint solve of one problem, ``args = (y0, ts, diff, ...)``), whose
+    reverse mode under ``jax.vmap`` over ``y0`` alone is that of ``many`` (the ``batched=True``
+    solve): one shared parameter adjoint for the whole batch, rather than one per problem.
+
+    ``grad(vmap(f))`` sums the per-problem parameter cotangents anyway, but ``jax.vmap`` of
+    ``one``'s ``custom_vjp`` would carry ``B × len(θ)`` adjoints through the backward solve.
+    The reverse mode is a ``custom_jvp`` whose rule, when ``jax.vmap`` batches its tangents
+    (``grad(vmap(f))``; not ``vmap(grad(f))``, which wants per-problem gradients), goes
+    through ``custom_vmap``: its rule sees the whole batch and calls ``jax.jvp`` of ``many``
+    (linearized and transposed by ``many``'s ``custom_vjp``). Other batchings (``ts``, the
+    parameters or the tolerances batched) take ``jax.jvp`` of ``jax.vmap(one)``. The
+    parameters are then left out of the backward error control, as with ``batched=True``.
+    """
+
+    @jax.custom_jvp
+    def run(*args):
+        return one(*args)
+
+    @jax.custom_batching.custom_vmap
+    def vmapped_jvp(primals, tangents):
+        return _jvp_of(one, primals, tangents)
+
+    @vmapped_jvp.def_vmap
+    def _rule(axis_size, in_batched, primals, tangents):
+        return _batched_jvp(one, many, axis_size, in_batched, primals, tangents)
+
+    @run.defjvp
+    def _jvp(primals, tangents):
+        if _batch_traced(tangents):
+            (ys, info), ys_dot = vmapped_jvp(primals, _float_tangents(tangents))
+            return (ys, info), (ys_dot, jax.tree_util.tree_map(zero_cotangent, info))
+        return jax.jvp(one, primals, tangents)
+
+    return run(*args)
+
+
+def _jvp_of(fn, primals, tangents):
+    """``(fn(*primals), tangent of its first output)`` (the second, ``Info``, has none)."""
+    out, out_dot = jax.jvp(fn, primals, _all_tangents(primals, tangents))
+    return out, out_dot[0]
+
+
+def _batched_jvp(one, many, axis_size, in_batched, primals, tangents, folded=False):
+    """The vmap rule of the jvp: ``many`` for a batch over ``y0`` alone, else ``vmap(one)``.
+
+    ``folded``: ``primals[0]`` already holds a batch of problems for ``many`` (an outer
+    ``jax.vmap`` around an inner one: the two batch axes are merged into one).
+    """
+    p_batched, t_batched = in_batched
+    leaves = jax.tree_util.tree_leaves
+    arg_batched = [any(leaves(pb)) or any(leaves(tb)) for pb, tb in zip(p_batched, t_batched)]
+    # an argument batched anywhere (primal or tangent, any leaf) is batched everywhere
+    widen = lambda x, flags, b: _broadcast(x, flags, axis_size) if b else x  # noqa: E731
+    primals = tuple(map(widen, primals, p_batched, arg_batched))
+    tangents = tuple(map(widen, tangents, t_batched, arg_batched))
+    if arg_batched[0] and not any(arg_batched[1:]):
+        if folded:
+            merge = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+            split = lambda x: x.reshape((axis_size, -1) + x.shape[1:])  # noqa: E731
+            y0s = merge(primals[0])
+            y0s_dot = None if tangents[0] is None else merge(tangents[0])
+            out = _shared_jvp(one, many, (y0s,) + primals[1:], (y0s_dot,) + tangents[1:])
+            out = jax.tree_util.tree_map(split, out)
+        else:
+            out = _shared_jvp(one, many, primals, tangents)
+    else:
+        in_axes = tuple(0 if b else None for b in arg_batched)
+        fn = many if folded else one
+        out = _jvp_of(jax.vmap(fn, in_axes), primals, tangents)
+    return out, jax.tree_util.tree_map(lambda _: True, out)
+
+
+def _shared_jvp(one, many, primals, tangents):
+    """``jax.jvp`` of ``many`` on a batch; inside an outer ``jax.vmap`` (its tangents batched),
+    through a ``custom_vmap`` whose rule merges the outer batch axis into the batch."""
+    if not _batch_traced(tangents):
+        return _jvp_of(many, primals, tangents)
+
+    @jax.custom_batching.custom_vmap
+    def nested(primals, tangents):
+        return _jvp_of(many, primals, tangents)
+
+    @nested.def_vmap
+    def _rule(axis_size, in_batched, primals, tangents):
+        return _batched_jvp(one, many, axis_size, in_batched, primals, tangents, folded=True)
+
+    return nested(primals, tangents)
