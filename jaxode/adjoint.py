@@ -288,7 +288,8 @@ def _batch_traced(tangents) -> bool:
 def _float_tangents(tangents):
     """The tangents without the ``float0`` ones (integer inputs), which are rebuilt by
     ``_all_tangents`` (``custom_vmap`` passes no ``float0`` arrays)."""
-    return jax.tree_util.tree_map(lambda t: None if t.dtype == jax.dtypes.float0 else t, tangents)
+    is_float0 = lambda t: getattr(t, "dtype", None) == jax.dtypes.float0  # noqa: E731
+    return jax.tree_util.tree_map(lambda t: None if is_float0(t) else t, tangents)
 
 
 def _all_tangents(primals, tangents):
