@@ -31,13 +31,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jax._src.interpreters.batching import BatchTracer as _BatchTracer  # no public name
 from jax.flatten_util import ravel_pytree
 
 from . import errors
 from .backprop import zero_cotangent
 from .loop import LoopState, integrate, make_loop
 from .tableaus import ButcherTableau
+
+try:  # JAX has no public name for it; without it, vmap of the adjoint keeps per-sample adjoints
+    from jax._src.interpreters.batching import BatchTracer as _BatchTracer
+except ImportError:  # pragma: no cover
+    _BatchTracer = ()
 
 # field(y, t, diff_args, nondiff_args) -> dy/dt on flat states
 FlatField = Callable[[Array, Array, object, object], Array]
