@@ -342,11 +342,22 @@ def _shared_parameters_under_vmap(one: Callable, many: Callable, args: tuple):
     @run.defjvp
     def _jvp(primals, tangents):
         if _batch_traced(tangents):
+            _check_no_batched_closure(one, primals)
             (ys, info), ys_dot = vmapped_jvp(primals, _float_tangents(tangents))
             return (ys, info), (ys_dot, jax.tree_util.tree_map(zero_cotangent, info))
         return jax.jvp(one, primals, tangents)
 
     return run(*args)
+
+
+def _check_no_batched_closure(fn, args) -> None:
+    """Raises if ``fn`` closes over an array that ``jax.vmap`` batches (its ``custom_vjp``
+    rules would, and ``custom_vmap`` cannot take it)."""
+    if any(isinstance(c, _BatchTracer) for c in jax.make_jaxpr(fn)(*args).consts):
+        raise ValueError(
+            "jaxode: under jax.grad of jax.vmap, the vector field closes over an array that the vmap "
+            "batches; pass it to odesolve through params instead"
+        )
 
 
 def _jvp_of(fn, primals, tangents):

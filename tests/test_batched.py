@@ -244,3 +244,16 @@ def test_nested_vmaps_of_the_adjoint():
     per_outer = jax.jit(jax.vmap(jax.grad(inner, argnums=1), (0, None)))(z0s, k)
     np.testing.assert_allclose(both, np.sum(dk), rtol=1e-8)
     np.testing.assert_allclose(per_outer, np.sum(dk, axis=1), rtol=1e-8)
+
+
+def test_grad_of_vmap_with_a_batched_closure_is_a_clear_error():
+    """A field closing over an array the vmap batches (not passed as ``params``) cannot go
+    through the custom rules: a ``ValueError`` saying so (was an UnexpectedTracerError)."""
+    rates = jnp.array([0.5, 1.0, 1.5])
+    z0s = jnp.array([[1.0], [-0.5], [2.0]])
+
+    def loss(z0, r, k):
+        return jnp.sum(jaxode.odesolve(lambda z, t, k: -k * r * z, z0, TS2, k))
+
+    with pytest.raises(ValueError, match="closes over an array that the vmap batches"):
+        jax.grad(lambda k: jnp.sum(jax.vmap(loss, (0, 0, None))(z0s, rates, k)))(jnp.array(1.0))
