@@ -38,6 +38,11 @@ from .backprop import zero_cotangent
 from .loop import LoopState, integrate, make_loop
 from .tableaus import ButcherTableau
 
+try:  # JAX has no public name for it; without it, vmap of the adjoint keeps per-sample adjoints
+    from jax._src.interpreters.batching import BatchTracer as _BatchTracer
+except ImportError:  # pragma: no cover
+    _BatchTracer = ()
+
 # field(y, t, diff_args, nondiff_args) -> dy/dt on flat states
 FlatField = Callable[[Array, Array, object, object], Array]
 
@@ -144,8 +149,11 @@ def backward(
     ct_ys = ct_ys.astype(ys.dtype)
 
     def augmented(y, t):
+        # y may be wider than the state (float64 θ, float32 z): f gets z in the state's dtype
+        # and t in the time dtype, as it was traced
         z, a = y[:n].astype(ys.dtype), y[n : 2 * n].astype(ys.dtype)
-        fz, vjp = jax.vjp(lambda z, t, th: field(z, t, unravel(th), nondiff), z, t, theta)
+        f_at = lambda z, t, th: field(z, t, unravel(th), nondiff)  # noqa: E731
+        fz, vjp = jax.vjp(f_at, z, t, theta)
         gz, gt, gth = vjp(a)
         return jnp.concatenate([fz, -gz, -gth, -gt[None]]).astype(dtype)
 
@@ -213,23 +221,36 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
     used = [i for i, b in enumerate(tableau.b) if b != 0]
     weights = jnp.asarray([tableau.b[i] for i in used], dtype)
 
-    def parameter_increment(record):
-        """``-Σ_b h_b Σ_i b_i a_bi·∂f/∂θ(z_bi, t_bi)`` for the batch's last step attempts."""
+    def parameter_increment(record, counted):
+        """``-Σ_b h_b Σ_i b_i a_bi·∂f/∂θ(z_bi, t_bi)`` over the problems whose last step
+        attempt was ``counted`` (accepted while running).
+
+        The others are excluded by selection, not by a zero factor: a rejected attempt's
+        stage inputs may be non-finite (or where ``f`` is), and ``0·NaN`` is NaN. Their stages
+        are replaced by the attempt's first (its starting state, an accepted one) and their
+        cotangents by exact zeros.
+        """
         if theta.shape[0] == 0:
-            return jnp.zeros(0, dtype)
-        z, a = record.inputs[:, used, :n], record.inputs[:, used, n : 2 * n]
-        times = record.times[:, used]
-        f_all = lambda th: jax.vmap(jax.vmap(lambda z, t: field(z, t, unravel(th), nondiff)))(z, times)  # noqa: E731
+            return jnp.zeros_like(theta)
+        keep = counted[:, None, None]
+        inputs = jnp.where(keep, record.inputs[:, used], record.inputs[:, :1])
+        times = jnp.where(keep[..., 0], record.times[:, used], record.times[:, :1])
+        z, a = inputs[..., :n], inputs[..., n : 2 * n]
+        f_one = lambda z, t, th: field(z, t, unravel(th), nondiff)  # noqa: E731
+        f_all = lambda th: jax.vmap(jax.vmap(lambda z, t: f_one(z, t, th)))(z, times)  # noqa: E731
         _, vjp = jax.vjp(f_all, theta)
-        cotangent = -(record.h[:, None] * weights[None, :])[..., None] * a
+        cotangent = jnp.where(keep, -(record.h[:, None] * weights[None, :])[..., None] * a, 0)
         return vjp(cotangent.astype(dtype))[0]
 
     def step_one(state, ys_b, ct_b, dt0_b):
+        """One step attempt of a problem still running (else its state is kept), and whether
+        it is counted in the parameter adjoint: running and accepted."""
         loop = loop_for(ys_b, ct_b, dt0_b)
         active = loop.running(state)
         new, record = loop.step(state)
+        counted = active & (new.num_accepted > state.num_accepted)
         new = jax.tree_util.tree_map(lambda x, y: jnp.where(active, x, y), new, state)
-        return new, record._replace(h=jnp.where(active, record.h, 0))
+        return new, record, counted
 
     def running_all(carry):
         states, _ = carry
@@ -237,14 +258,14 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
 
     def body(carry):
         states, acc = carry
-        states, record = jax.vmap(step_one)(states, ys, ct_ys, dt0s)
-        return states, acc + parameter_increment(record)
+        states, record, counted = jax.vmap(step_one)(states, ys, ct_ys, dt0s)
+        return states, acc + parameter_increment(record, counted)
 
     init = jax.vmap(lambda *a: loop_for(*a).init())(ys, ct_ys, dt0s)
     states, ct_theta = jax.lax.while_loop(running_all, body, (init, jnp.zeros_like(theta)))
     states = jax.vmap(lambda s, *a: loop_for(*a).finish(s))(states, ys, ct_ys, dt0s)
     y = states.y
-    f_out = jax.vmap(jax.vmap(lambda yi, ti: field(yi, ti.astype(dtype), diff, nondiff)), (0, None))
+    f_out = jax.vmap(jax.vmap(lambda yi, ti: field(yi, ti, diff, nondiff)), (0, None))
     ct_t = jnp.sum(ct_ys[:, 1:] * f_out(ys[:, 1:], ts[1:]), axis=2)
     ct_t0 = y[:, -1] - jnp.sum(ct_t, axis=1)
     ct_ts = jnp.concatenate([jnp.sum(ct_t0)[None], jnp.sum(ct_t, axis=0)]).astype(ts.dtype)
@@ -285,13 +306,152 @@ def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol
             ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), status)
         else:
             nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x)  # noqa: E731
-            ct_y0, ct_ts, ct_diff = jax.tree_util.tree_map(nan_if_failed, (ct_y0, ct_ts, ct_diff))
-        unused = (nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
-        zeros = jax.tree_util.tree_map(zero_cotangent, unused)
-        return (ct_y0, ct_ts, ct_diff) + zeros
+            ct_ts, ct_diff = jax.tree_util.tree_map(nan_if_failed, (ct_ts, ct_diff))
+            # batched: only the failed problems' rows (status (B,), ct_y0 (B, n)), as under vmap
+            ct_y0 = jnp.where((info.status != errors.SUCCESS)[..., None], jnp.nan, ct_y0)
+        unused = (nondiff, rtol, atol, adjoint_rtol, adjoint_atol)
+        nondiff, rtol, atol, adjoint_rtol, adjoint_atol = jax.tree_util.tree_map(zero_cotangent, unused)
+        # dt0: None, a zero cotangent of the primal's shape (its residual, the last steps, is (B,) if batched)
+        return (ct_y0, ct_ts, ct_diff, nondiff, rtol, atol, None, adjoint_rtol, adjoint_atol)
 
     _solve.defvjp(_fwd, _bwd)
-    return _solve(y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
+    args = (y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
+    if cfg.batched:
+        return _solve(*args)
+    many = lambda *args: solve(field, *args, cfg._replace(batched=True))  # noqa: E731
+    return _shared_parameters_under_vmap(_solve, many, args)
+
+
+def batch_traced(values) -> bool:
+    """Whether ``jax.vmap`` is the innermost transformation of any leaf of ``values``. For the
+    tangents of a ``custom_jvp`` rule: the rule then runs within the vmap (``grad(vmap(f))``);
+    under ``vmap(grad(f))`` its tangents are the differentiation's own tracers, the vmap
+    outside them."""
+    return any(isinstance(t, _BatchTracer) for t in jax.tree_util.tree_leaves(values))
+
+
+def _float_tangents(tangents):
+    """The tangents without the ``float0`` ones (integer inputs), which are rebuilt by
+    ``_all_tangents`` (``custom_vmap`` passes no ``float0`` arrays)."""
+    is_float0 = lambda t: getattr(t, "dtype", None) == jax.dtypes.float0  # noqa: E731
+    return jax.tree_util.tree_map(lambda t: None if is_float0(t) else t, tangents)
+
+
+def _all_tangents(primals, tangents):
+    """``tangents`` completed with ``float0`` zeros for the integer leaves of ``primals``."""
+    def one(p, t):
+        return zero_cotangent(p) if t is None else t
+
+    return jax.tree_util.tree_map(one, primals, tangents, is_leaf=lambda x: x is None)
+
+
+def _broadcast(tree, batched, axis_size):
+    """Every leaf of ``tree`` with a leading batch axis (added where ``batched`` is False)."""
+    def one(x, b):
+        return x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+
+    return jax.tree_util.tree_map(one, tree, batched)
+
+
+def _shared_parameters_under_vmap(one: Callable, many: Callable, args: tuple):
+    """``one(*args)`` (the adjoint solve of one problem, ``args = (y0, ts, diff, ...)``), whose
+    reverse mode under ``jax.vmap`` over ``y0`` alone is that of ``many`` (the ``batched=True``
+    solve): one shared parameter adjoint for the whole batch, rather than one per problem.
+
+    ``grad(vmap(f))`` sums the per-problem parameter cotangents anyway, but ``jax.vmap`` of
+    ``one``'s ``custom_vjp`` would carry ``B × len(θ)`` adjoints through the backward solve.
+    The reverse mode is a ``custom_jvp`` whose rule, when ``jax.vmap`` batches its tangents
+    (``grad(vmap(f))``; not ``vmap(grad(f))``, which wants per-problem gradients), goes
+    through ``custom_vmap``: its rule sees the whole batch and calls ``jax.jvp`` of ``many``
+    (linearized and transposed by ``many``'s ``custom_vjp``). Other batchings (``ts``, the
+    parameters or the tolerances batched) take ``jax.jvp`` of ``jax.vmap(one)``. The
+    parameters are then left out of the backward error control, as with ``batched=True``.
+    """
+
+    @jax.custom_jvp
+    def run(*args):
+        return one(*args)
+
+    @jax.custom_batching.custom_vmap
+    def vmapped_jvp(primals, tangents):
+        return _jvp_of(one, primals, tangents)
+
+    @vmapped_jvp.def_vmap
+    def _rule(axis_size, in_batched, primals, tangents):
+        return _batched_jvp(one, many, axis_size, in_batched, primals, tangents)
+
+    @run.defjvp
+    def _jvp(primals, tangents):
+        if batch_traced(tangents):
+            _check_no_batched_closure(one, primals)
+            (ys, info), ys_dot = vmapped_jvp(primals, _float_tangents(tangents))
+            return (ys, info), (ys_dot, jax.tree_util.tree_map(zero_cotangent, info))
+        return jax.jvp(one, primals, tangents)
+
+    return run(*args)
+
+
+def _check_no_batched_closure(fn, args) -> None:
+    """Raises if ``fn`` closes over an array that ``jax.vmap`` batches (its ``custom_vjp``
+    rules would, and ``custom_vmap`` cannot take it)."""
+    if any(isinstance(c, _BatchTracer) for c in jax.make_jaxpr(fn)(*args).consts):
+        raise ValueError(
+            "jaxode: under jax.grad of jax.vmap, the vector field closes over an array that the vmap "
+            "batches; pass it to odesolve through params instead"
+        )
+
+
+def _jvp_of(fn, primals, tangents):
+    """``(fn(*primals), tangent of its first output)`` (the second, ``Info``, has none)."""
+    out, out_dot = jax.jvp(fn, primals, _all_tangents(primals, tangents))
+    return out, out_dot[0]
+
+
+def _batched_jvp(one, many, axis_size, in_batched, primals, tangents, folded=False):
+    """The vmap rule of the jvp: ``many`` for a batch over ``y0`` alone, else ``vmap(one)``.
+
+    ``folded``: ``primals[0]`` already holds a batch of problems for ``many`` (an outer
+    ``jax.vmap`` around an inner one: the two batch axes are merged into one).
+    """
+    p_batched, t_batched = in_batched
+    leaves = jax.tree_util.tree_leaves
+    arg_batched = [any(leaves(pb)) or any(leaves(tb)) for pb, tb in zip(p_batched, t_batched)]
+    # an argument batched anywhere (primal or tangent, any leaf) is batched everywhere
+    widen = lambda x, flags, b: _broadcast(x, flags, axis_size) if b else x  # noqa: E731
+    primals = tuple(map(widen, primals, p_batched, arg_batched))
+    tangents = tuple(map(widen, tangents, t_batched, arg_batched))
+    if arg_batched[0] and not any(arg_batched[1:]):
+        if folded:
+            merge = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+            split = lambda x: x.reshape((axis_size, -1) + x.shape[1:])  # noqa: E731
+            y0s = merge(primals[0])
+            y0s_dot = None if tangents[0] is None else merge(tangents[0])
+            out = _shared_jvp(one, many, (y0s,) + primals[1:], (y0s_dot,) + tangents[1:])
+            out = jax.tree_util.tree_map(split, out)
+        else:
+            out = _shared_jvp(one, many, primals, tangents)
+    else:
+        in_axes = tuple(0 if b else None for b in arg_batched)
+        fn = many if folded else one
+        out = _jvp_of(jax.vmap(fn, in_axes), primals, tangents)
+    return out, jax.tree_util.tree_map(lambda _: True, out)
+
+
+def _shared_jvp(one, many, primals, tangents):
+    """``jax.jvp`` of ``many`` on a batch; inside an outer ``jax.vmap`` (its tangents batched),
+    through a ``custom_vmap`` whose rule merges the outer batch axis into the batch."""
+    if not batch_traced(tangents):
+        return _jvp_of(many, primals, tangents)
+
+    @jax.custom_batching.custom_vmap
+    def nested(primals, tangents):
+        return _jvp_of(many, primals, tangents)
+
+    @nested.def_vmap
+    def _rule(axis_size, in_batched, primals, tangents):
+        return _batched_jvp(one, many, axis_size, in_batched, primals, tangents, folded=True)
+
+    return nested(primals, tangents)
 
 
 def _differentiated_by_backprop(solve: Callable, field: FlatField, cfg: Config, **options) -> Callable:

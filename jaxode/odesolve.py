@@ -170,13 +170,12 @@ def odesolve(
         batched: ``z0``'s leaves carry a leading batch axis of ``B`` independent initial
             conditions; each is solved with its own step sizes, exactly as
             ``jax.vmap(odesolve, (None, 0, None, None))`` would, and ``ys`` gets the batch axis
-            first, ``(B, T, ...)``. The difference is in the adjoint gradient: the parameters are
-            shared, so their adjoints are summed over the batch inside one backward solve
-            (they are then left out of the backward error control, as with
-            ``adjoint_seminorm``), rather than carried per problem as ``jax.vmap`` of the
-            adjoint must do — per-sample parameter adjoints cost ``B × len(params)`` memory and
-            traffic at every stage. Use it for a loss summed over a batch that wants
-            per-sample step sizes. ``f`` still sees one problem's ``z``. Default ``False``.
+            first, ``(B, T, ...)``; the parameters are shared, and their adjoints are summed
+            over the batch inside one backward solve (left out of the backward error control,
+            as with ``adjoint_seminorm``). ``jax.grad`` of a loss of ``jax.vmap`` of the
+            adjoint solve over ``z0`` alone does the same by itself; ``vmap`` of ``grad``
+            (per-sample gradients) or batched parameters keep one parameter adjoint per
+            problem. ``f`` still sees one problem's ``z``. Default ``False``.
         throw: on failure (more than ``max_steps`` steps, step size underflow, a non-finite
             state) raise an error naming the cause, also under ``jax.jit`` and when only a
             derivative or ``info`` is used (default ``True``); with ``False`` the outputs not
@@ -200,6 +199,8 @@ def odesolve(
     call with the same ``f`` object costs about what a call inside ``jax.jit`` does; a fresh
     ``lambda`` on every call, or Python numbers as ``params`` that change, compile again.
     As with ``jax.jit``, a global array that ``f`` reads is baked into its compiled solve.
+    Inside ``jax.vmap`` called eagerly the solve is traced on every call: put the vmapped
+    function in ``jax.jit``.
     """
     tableau = get_solver(solver)
     errors.check_options(tableau, rtol, atol, dt0, max_steps, gradient)
@@ -219,7 +220,8 @@ def _run_compiled(f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol
     """``_solve`` through a cache of compiled functions (see ``odesolve``'s notes); an eager
     call waits for its result, so that a failure raises here as a ``SolveError``."""
     args = (f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol, static)
-    if not _hashable(args):
+    if not _hashable(args) or adjoint.batch_traced(args):
+        # under jax.vmap the adjoint's own batching rule must see the solve (see adjoint.solve)
         return _solve(*args)
     try:
         out = _solve_compiled(*args)
