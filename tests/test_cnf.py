@@ -106,6 +106,23 @@ def test_hutchinson_frobenius_is_unbiased(hutchinson_many):
     assert abs(np.mean(frob) - np.sum(A**2) * DELTA) < 4 * se
 
 
+def test_each_hutchinson_estimate_is_a_rademacher_quadratic_form(hutchinson_many):
+    """For ``f = A z`` each estimate is exactly ``log N(z(t1)) + Δ εᵀAε`` and its Frobenius term
+    ``Δ ||Aε||²`` for one of the 8 sign vectors ``ε``, each (up to ±ε) drawn with chance 1/4."""
+    log_p, (_, frob) = hutchinson_many
+    base = exact_log_prob(X[0]) - np.trace(A) * DELTA
+    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * 3)).reshape(3, -1).T  # (8, 3)
+    quad = np.einsum("ki,ij,kj->k", signs, A, signs) * DELTA
+    norms = np.sum((signs @ A.T) ** 2, -1) * DELTA
+    distance = np.abs(np.asarray(log_p)[:, None] - (base + quad)) + np.abs(np.asarray(frob)[:, None] - norms)
+    which = np.argmin(distance, axis=1)
+    np.testing.assert_allclose(log_p, base + quad[which], rtol=1e-9)
+    np.testing.assert_allclose(frob, norms[which], rtol=1e-9)
+    _, counts = np.unique(np.round(np.stack([quad[which], norms[which]]), 9), axis=1, return_counts=True)
+    assert len(counts) == 4  # the classes {ε, -ε} are told apart by the pair of values
+    np.testing.assert_allclose(counts / len(which), 0.25, atol=4 * np.sqrt(0.25 * 0.75 / len(which)))
+
+
 def test_hutchinson_trace_is_exact_in_expectation_for_a_nonlinear_field(small_field):
     """Each estimate is ``exact + εᵀMε - tr M`` with ``M = ∫J dt``: the mean over the noise
     is the exact log density."""
