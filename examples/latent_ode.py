@@ -15,7 +15,8 @@ mean and log-std of ``q(z0 | x)``, a Gaussian over the 4-D latent state at ``t =
 the batch as one state, ``gradient="checkpoint"``: outputs on the dense output, so the 100
 grid times cost no extra steps) and decoded by an MLP (20 hidden units) at the grid times.
 Trained on the ELBO: the Gaussian log-likelihood (std 0.05) of the observed points minus
-``KL(q(z0|x) || N(0, I))``.
+``KL(q(z0|x) || N(0, I))``. Both models: 800 training spirals, 200 held out, 1500 Adam steps
+(learning rate 1e-2, cosine decay, gradients clipped at global norm 10) on batches of 64.
 
 The baseline: a GRU (25 units) reading ``(x_i, t_i - t_(i-1))``, with a readout
 ``MLP([h_i, Δt])`` that predicts the point ``Δt`` after the last one read; trained on
@@ -180,11 +181,11 @@ def rnn_loss(model: GapRNN, x_obs, idx, key):
     return mse, mse
 
 
-def fit(model, loss_fn, data, *, iters: int, batch: int, lr: float, key, desc: str):
+def fit(model, loss_fn, data, *, iters: int, batch: int, lr: float, clip: float, key, desc: str):
     """Adam (cosine decay) on random mini-batches of ``data = (obs, idx)``; returns the model
     and the loss at every step."""
     obs, idx = data
-    optim = optax.adam(optax.cosine_decay_schedule(lr, iters, alpha=0.05))
+    optim = optax.chain(optax.clip_by_global_norm(clip), optax.adam(optax.cosine_decay_schedule(lr, iters, alpha=0.05)))
     opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
 
     @eqx.filter_jit
@@ -230,6 +231,8 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="a few-seconds smoke run")
     p.add_argument("--iters", type=int, default=None, help="training steps per model")
     p.add_argument("--observed", type=int, nargs="+", default=None, help="n, points observed")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--clip", type=float, default=10.0, help="gradient clipping (global norm)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -254,9 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
         _, idx, obs = make_spirals(k_data, num_train, n)
         truth_te, idx_te, obs_te = make_spirals(k_test, num_test, n)
         lode, lode_losses = fit(LatentODE(k_lode), elbo_loss, (obs, idx), iters=iters, batch=batch,
-                                lr=1e-2, key=k_fit, desc=f"latent ODE, n={n}")
+                                lr=args.lr, clip=args.clip, key=k_fit, desc=f"latent ODE, n={n}")
         rnn, rnn_losses = fit(GapRNN(k_rnn), rnn_loss, (obs, idx), iters=iters, batch=batch,
-                              lr=1e-2, key=k_fit, desc=f"RNN, n={n}")
+                              lr=args.lr, clip=args.clip, key=k_fit, desc=f"RNN, n={n}")
         pred_lode, pred_rnn = predict_latent(lode, obs_te, idx_te), predict_rnn(rnn, obs_te, idx_te)
         results[n] = {
             "latent_ode_rmse": rmse(pred_lode[:, extra], truth_te[:, extra]),
