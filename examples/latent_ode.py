@@ -182,10 +182,11 @@ def rnn_loss(model: GapRNN, x_obs, idx, key):
 
 
 def fit(model, loss_fn, data, *, iters: int, batch: int, lr: float, clip: float, key, desc: str):
-    """Adam (cosine decay) on random mini-batches of ``data = (obs, idx)``; returns the model
-    and the loss at every step."""
+    """Adam (cosine decay, gradients clipped at global norm ``clip``) on random mini-batches of
+    ``data = (obs, idx)``; returns the model and the loss at every step."""
     obs, idx = data
-    optim = optax.chain(optax.clip_by_global_norm(clip), optax.adam(optax.cosine_decay_schedule(lr, iters, alpha=0.05)))
+    schedule = optax.cosine_decay_schedule(lr, iters, alpha=0.05)
+    optim = optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule))
     opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
 
     @eqx.filter_jit
