@@ -7,11 +7,11 @@ A CNF maps data ``x`` at ``t0`` to the base distribution, a standard normal, at 
     log p(x) = log N(z(t1); 0, I) + ∫_{t0}^{t1} tr(∂f/∂z(z(t), t)) dt.
 
 The trace is integrated in the same ``jaxode.odesolve`` as ``z``: the state is
-``(z, ∫tr)`` (plus the two regularisers below). A batch ``(B, d)`` is solved as one state,
-the field mapped over the samples with ``jax.vmap``; the step sizes are shared by the batch
-and controlled by the RMS error over all of it (cheaper per training step than ``B``
-independent solves, see benchmarks/cnf.py; use ``eqx.filter_vmap(cnf.log_prob)`` for
-independent per-sample solves).
+``(z, ∫tr)`` (with ``regularize=True``, also the two regularisers below). A batch
+``(B, d)`` is solved as one state, the field mapped over the samples with ``jax.vmap``; the
+step sizes are shared by the batch and controlled by the RMS error over all of it (cheaper
+per training step than ``B`` independent solves, see benchmarks/cnf.py; use
+``eqx.filter_vmap(cnf.log_prob)`` for independent per-sample solves).
 
 The trace, per sample:
 
