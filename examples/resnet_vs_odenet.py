@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from jaxode.nn import MLPField, NeuralODE  # noqa: E402
 
@@ -127,7 +128,7 @@ def cross_entropy(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), nfe
 
 
-def train(model, x, y, *, epochs: int, batch: int, lr: float, key):
+def train(model, x, y, *, epochs: int, batch: int, lr: float, key, desc: str = "train"):
     """Adam with cosine decay on mini-batches; returns ``(model, losses, train_s, compile_s)``."""
     steps_per_epoch = max(1, len(x) // batch)
     schedule = optax.cosine_decay_schedule(lr, epochs * steps_per_epoch, alpha=0.05)
@@ -141,6 +142,8 @@ def train(model, x, y, *, epochs: int, batch: int, lr: float, key):
         return eqx.apply_updates(model, updates), opt_state, loss
 
     losses, compile_s, t0 = [], 0.0, time.perf_counter()
+    # a progress bar on a terminal only (disable=None), so test logs stay clean
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step", mininterval=0.5, disable=None)
     for epoch in range(epochs):
         perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), len(x)))
         for i in range(steps_per_epoch):
@@ -151,6 +154,9 @@ def train(model, x, y, *, epochs: int, batch: int, lr: float, key):
                 compile_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
             losses.append(float(loss) if i == steps_per_epoch - 1 else None)
+            bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
     jax.block_until_ready(model)
     train_s = time.perf_counter() - t0
     return model, [v for v in losses if v is not None], train_s, compile_s
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     results, trained = {}, {}
     for name, model in models.items():
         model, losses, train_s, compile_s = train(
-            model, x_tr, y_tr, epochs=epochs, batch=128, lr=3e-3, key=keys[2]
+            model, x_tr, y_tr, epochs=epochs, batch=128, lr=3e-3, key=keys[2], desc=name
         )
         # one compiled evaluation: the hidden states (plotted) and the logits of the last one
         states, nfe = eqx.filter_jit(lambda m, x: m.hidden_states(x))(model, x_te)

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     initial_loss = eval_loss(model)
     all_starts = jax.random.randint(key_train, (iters, batch), 0, num_times - window + 1, jnp.int32)
-    bar = tqdm(range(iters), desc="spiral", unit="it", mininterval=0.5)
+    bar = tqdm(range(iters), desc="spiral", unit="it", mininterval=0.5, disable=None)  # TTY only
     for i in bar:
         loss, grads = loss_and_grad(model, all_starts[i])
         model, opt_state = update(model, grads, opt_state)

@@ -7,6 +7,7 @@ through the solver.
 
 from . import nn
 from .adjoint import Info
+from .cnf import CNF
 from .errors import SolveError
 from .nn import ConcatSquashField, MLPField, NeuralODE, ODEBlock
 from .odesolve import adjoint_backward_info, odesolve
@@ -24,5 +25,6 @@ __all__ = [
     "ConcatSquashField",
     "NeuralODE",
     "ODEBlock",
+    "CNF",
 ]
 __version__ = "0.1.0"

@@ -5,6 +5,8 @@
   gate and a bias.
 * ``NeuralODE`` (alias ``ODEBlock``): a layer ``z0 -> z(t1)`` (or ``z0 -> z(ts)``) that solves
   ``dz/dt = field(z, t)`` with ``jaxode.odesolve``.
+* ``CNF`` (defined in ``jaxode.cnf``): a continuous normalising flow, ``log_prob`` and
+  ``sample``, with exact or Hutchinson traces and Finlay et al.'s regularisers.
 
 The fields follow ``odesolve``'s calling convention ``f(z, t, params=None) -> dz/dt``; their
 weights live in the module and are differentiated because ``odesolve`` hoists the arrays a
@@ -46,7 +48,7 @@ from . import errors
 from .odesolve import odesolve
 from .tableaus import ButcherTableau, get_solver
 
-__all__ = ["MLPField", "ConcatSquashField", "NeuralODE", "ODEBlock"]
+__all__ = ["MLPField", "ConcatSquashField", "NeuralODE", "ODEBlock", "CNF"]
 
 
 def _check_size(name: str, value: int, minimum: int) -> int:
@@ -466,3 +468,5 @@ class NeuralODE(eqx.Module):
 
 ODEBlock = NeuralODE
 """An alias of ``NeuralODE``, the name used for the ODE-Net block of Chen et al. (2018)."""
+
+from .cnf import CNF  # noqa: E402  (cnf imports odesolve only, never this module)

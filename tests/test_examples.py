@@ -64,8 +64,34 @@ def test_euler_error_is_first_order(tmp_path):
     assert r["final_loss"] < r["initial_loss"]
 
 
+def test_cnf_toy_learns_a_normalised_density(tmp_path):
+    r = run_quick("cnf_toy", tmp_path)
+    for name in ("plain", "regularised"):
+        m = r[name]
+        assert m["nll"] < r["initial_nll"] - 0.5, (name, m["nll"], r["initial_nll"])  # it learns
+        # a normalised model cannot beat the true density (held-out NLL >= entropy, up to noise)
+        assert m["nll"] > r["true_nll"] - 0.05, (name, m["nll"], r["true_nll"])
+        assert m["gap"] == pytest.approx(m["nll"] - r["true_nll"])
+        assert m["nfe_per_step"] > 7  # adaptive tsit5 with the trace: more than one step
+        losses = r["loss_history"][name]
+        assert sum(losses[-10:]) < sum(losses[:10]), name
+    assert 2.7 < r["true_nll"] < 3.0  # ≈ log 8 + 1 + log(2π σ²) = 2.84 for separated modes
+
+
+def test_latent_ode_and_rnn_losses_fall(tmp_path):
+    r = run_quick("latent_ode", tmp_path)
+    assert list(r["results"]) == [30]
+    m = r["results"][30]
+    for model in ("latent_ode", "rnn"):
+        losses = m[f"{model}_loss"]
+        assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), model
+        assert 0 < m[f"{model}_rmse"] < 10, (model, m)
+    assert 0 < m["latent_ode_recon_rmse"] < 10
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["pendulum", "spiral", "resnet_vs_odenet", "euler_is_a_resnet"])
+@pytest.mark.parametrize("name", ["pendulum", "spiral", "resnet_vs_odenet", "euler_is_a_resnet",
+                                  "cnf_toy", "latent_ode"])
 def test_example_runs_as_a_script_at_default_size(name, tmp_path):
     out = tmp_path / f"{name}.png"
     proc = subprocess.run(
