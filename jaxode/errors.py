@@ -82,9 +82,9 @@ def fail_if(x, code, messages):
     """``x`` unchanged, with a check made when the program runs: if ``code`` (an integer array,
     batched under ``vmap``) is nonzero anywhere, raise ``SolveError(messages[code])``.
 
-    The check is a host callback taken only when a code is nonzero (under ``vmap``, where
-    ``cond`` becomes ``select``, the callback itself looks at the codes); its zero result is
-    added to every floating leaf of ``x``, so any output that is used carries the check.
+    The check is a host callback taken only when a code is nonzero (under ``vmap``, on the
+    largest code of the batch); its zero result is added to every floating leaf of ``x``, so
+    any output that is used carries the check.
     """
     token = _failure_token(code, messages)
     return jax.tree_util.tree_map(lambda a: a + token.astype(a.dtype) if _is_float(a) else a, x)
@@ -93,7 +93,7 @@ def fail_if(x, code, messages):
 def _failure_token(code, messages) -> Array:
     """A zero (int32 scalar) whose computation raises ``SolveError(messages[code])`` when the
     program runs, if ``code`` is nonzero: add it to a value to attach the check to it."""
-    code = jax.lax.stop_gradient(jnp.asarray(code, jnp.int32))
+    code = _max_in_batch(jnp.max(jax.lax.stop_gradient(jnp.asarray(code, jnp.int32))))
     messages = tuple(messages)
 
     def check(code):
@@ -102,7 +102,20 @@ def _failure_token(code, messages) -> Array:
             vmap_method="broadcast_all",
         )
 
-    return jax.lax.cond(jnp.any(code != 0), check, lambda c: jnp.zeros((), jnp.int32), code)
+    return jax.lax.cond(code != 0, check, lambda c: jnp.zeros((), jnp.int32), code)
+
+
+@jax.custom_batching.custom_vmap
+def _max_in_batch(code: Array) -> Array:
+    """``code``; under ``jax.vmap``, its maximum over the batch, unbatched: the check then runs
+    once on a scalar (a batch sharded over devices is reduced, never gathered to the host)."""
+    return code
+
+
+@_max_in_batch.def_vmap
+def _max_in_batch_rule(axis_size, in_batched, code):
+    del axis_size
+    return (jnp.max(code) if in_batched[0] else code), False
 
 
 def _is_float(a) -> bool:
