@@ -66,13 +66,13 @@ def _as_state(z0: Any) -> Any:
 def _real_view(tree: Any) -> Any:
     """Complex leaves as real arrays with a trailing axis ``(real, imag)``: the solver works
     on real numbers, and JAX differentiates the split and the join by its own conventions."""
-    split = lambda x: jnp.stack([jnp.real(x), jnp.imag(x)], -1) if _is_complex(x) else x  # noqa: E731
+    split = lambda x: jnp.stack([jnp.real(x), jnp.imag(x)], -1) if _is_complex(x) else x
     return jax.tree_util.tree_map(split, tree)
 
 
 def _complex_view(tree: Any, like: Any) -> Any:
     """The inverse of ``_real_view`` for leaves that are complex in ``like``."""
-    join = lambda x, z: jax.lax.complex(x[..., 0], x[..., 1]) if _is_complex(z) else x  # noqa: E731
+    join = lambda x, z: jax.lax.complex(x[..., 0], x[..., 1]) if _is_complex(z) else x
     return jax.tree_util.tree_map(join, tree, like)
 
 
@@ -91,7 +91,7 @@ def _prepare(f, z0, ts, params, rtol, atol, dt0, batched=False, checked=False) -
         ts = errors.runtime_check_ts(ts)
     z_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), z0)
     y0, unravel_real = ravel_pytree(_real_view(z0))
-    unravel = lambda y: _complex_view(unravel_real(y), z_like)  # noqa: E731
+    unravel = lambda y: _complex_view(unravel_real(y), z_like)
     dtype = y0.dtype
     params_dyn, params_static = eqx.partition(params, eqx.is_array)
 
@@ -107,7 +107,7 @@ def _prepare(f, z0, ts, params, rtol, atol, dt0, batched=False, checked=False) -
 
     if batched:
         y0 = jax.vmap(lambda z: ravel_pytree(_real_view(z))[0])(z0s)
-    as_array = lambda x, dt: None if x is None else jnp.asarray(x, dt)  # noqa: E731
+    as_array = lambda x, dt: None if x is None else jnp.asarray(x, dt)
     tol = error_dtype(dtype)
     return _Problem(field, y0, ts, diff, nondiff, unravel, as_array(rtol, tol), as_array(atol, tol),
                     as_array(dt0, ts.dtype))

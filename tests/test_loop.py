@@ -251,7 +251,7 @@ def test_nested_and_flat_loops_agree(name):
     ts = jnp.concatenate([jnp.linspace(0.0, 0.05, 40), jnp.linspace(0.5, 9.0, 5)])
     z0 = jnp.array([1.0, -0.5])
     opts = dict(solver=name, rtol=1e-8, atol=1e-8, full_output=True, dt0=0.01 if name == "rk4" else None)
-    wide = lambda z, t, p: jnp.tile(_damped(z.reshape(32, 2)[0], t, p), 32)  # noqa: E731
+    wide = lambda z, t, p: jnp.tile(_damped(z.reshape(32, 2)[0], t, p), 32)
     ys, info = jaxode.odesolve(_damped, z0, ts, **opts)
     ys_wide, info_wide = jaxode.odesolve(wide, jnp.tile(z0, 32), ts, **opts)
     assert 2 * 7 * 8 <= 512 < 64 * 4 * 8  # the drivers differ (loop._INLINE_BYTES)
