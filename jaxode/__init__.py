@@ -10,11 +10,13 @@ from .adjoint import Info
 from .errors import SolveError
 from .nn import ConcatSquashField, MLPField, NeuralODE, ODEBlock
 from .odesolve import adjoint_backward_info, odesolve
+from .options import Options
 from .tableaus import SOLVERS, ButcherTableau
 
 __all__ = [
     "odesolve",
     "adjoint_backward_info",
+    "Options",
     "Info",
     "SolveError",
     "ButcherTableau",
