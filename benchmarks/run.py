@@ -268,7 +268,7 @@ def task_adjoint_grid(spec: dict) -> dict:
             for mode in modes:
                 label = mode[0] + (" seminorm" if mode[1] else "")
                 row = {"label": label, "t1": t1, "tol": tol, **fwd_stats}
-                call = lambda fn=fns[mode]: jax.block_until_ready(fn(params, z0, ts, tol_a, tol_a))  # noqa: E731
+                call = lambda fn=fns[mode]: jax.block_until_ready(fn(params, z0, ts, tol_a, tol_a))
                 try:
                     if mode not in compiled:  # the first call of this jitted gradient: compile
                         t0 = now()
@@ -314,13 +314,13 @@ def task_memory(spec: dict) -> dict:
     seminorm = spec.get("seminorm", False)
     if lib == "jaxode":
         grad_fn = P.jaxode_grad_fn(w.f, "dopri5", mode, seminorm)
-        value_and_grad = lambda p: grad_fn(p, z0, ts, tol, tol)  # noqa: E731
+        value_and_grad = lambda p: grad_fn(p, z0, ts, tol, tol)
     elif lib == "diffrax":
         grad_fn = P.diffrax_grad_fn(w.f, "dopri5", mode, w.rtol, w.atol)
-        value_and_grad = lambda p: grad_fn(p, z0, ts)  # noqa: E731
+        value_and_grad = lambda p: grad_fn(p, z0, ts)
     else:
         grad_fn = P.jax_odeint_grad_fn(w.f, w.rtol, w.atol)
-        value_and_grad = lambda p: grad_fn(p, z0, ts)  # noqa: E731
+        value_and_grad = lambda p: grad_fn(p, z0, ts)
     opt = optax.adam(1e-3)
 
     @jax.jit

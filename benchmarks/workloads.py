@@ -1,4 +1,4 @@
-"""The benchmark workloads of /work/shared/benchmarks/WORKLOADS.md, defined once.
+"""The benchmark workloads of ``benchmarks/WORKLOADS.md``, defined once.
 
 Every workload is plain numpy data (``z0``, ``ts``, ``params``) plus a JAX vector field
 ``f(z, t, params)`` (jaxode's signature) and a numpy one for scipy. Peers adapt the signature

@@ -11,11 +11,13 @@ from .cnf import CNF
 from .errors import SolveError
 from .nn import ConcatSquashField, MLPField, NeuralODE, ODEBlock
 from .odesolve import adjoint_backward_info, odesolve
+from .options import Options
 from .tableaus import SOLVERS, ButcherTableau
 
 __all__ = [
     "odesolve",
     "adjoint_backward_info",
+    "Options",
     "Info",
     "SolveError",
     "ButcherTableau",

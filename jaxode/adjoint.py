@@ -77,12 +77,12 @@ class Config(NamedTuple):
     batched: bool = False  # y0 is (B, n): B problems, each with its own steps, shared args
 
 
-def info_of(state: LoopState, extra_nfe: int = 0) -> Info:
+def info_of(state: LoopState) -> Info:
     return Info(
         num_steps=state.num_accepted + state.num_rejected,
         num_accepted=state.num_accepted,
         num_rejected=state.num_rejected,
-        nfe=state.nfe + extra_nfe,
+        nfe=state.nfe,
         status=state.status,
     )
 

@@ -173,7 +173,7 @@ def custom_vjp_while(
             c, o = run_fast(fast_c, c, o)
             return c, o, tape, k + 1
 
-        within_budget = lambda s: run_cond(cond_c, s[0]) & (s[3] < max_steps)  # noqa: E731
+        within_budget = lambda s: run_cond(cond_c, s[0]) & (s[3] < max_steps)
         return lax.while_loop(within_budget, step, (c, o, tape, jnp.zeros((), jnp.int32)))
 
     @jax.custom_vjp
@@ -189,7 +189,7 @@ def custom_vjp_while(
             c, o, k = state
             return *run_body(body_c, c, o), k + 1
 
-        within_budget = lambda s: run_cond(cond_c, s[0]) & (s[2] < max_steps)  # noqa: E731
+        within_budget = lambda s: run_cond(cond_c, s[0]) & (s[2] < max_steps)
         return checkpointed_while(within_budget, step, (c, o, jnp.zeros((), jnp.int32)), max_steps)[:2]
 
     @jax.custom_jvp
@@ -215,7 +215,7 @@ def custom_vjp_while(
         body_c = consts[0]
         float_consts = _is_inexact(body_c)
         ct_c, ct_o, ct_consts = reverse(tape, steps, consts, c0, _where(is_float, ct_c), ct_o)
-        float0 = lambda xs: [zero_cotangent(x) for x in xs]  # noqa: E731
+        float0 = lambda xs: [zero_cotangent(x) for x in xs]
         ct_c = _merge(is_float, ct_c, float0(_where(is_float, c0, False)))
         ct_body = _merge(float_consts, ct_consts, float0(_where(float_consts, body_c, False)))
         return ct_c, ct_o, (ct_body, float0(consts[1]), float0(consts[2]))

@@ -219,7 +219,11 @@ def check_output(f, z0, t, params) -> None:
                             f"{a.dtype} in z0 but {b.dtype} in f's output")
 
 
-def check_options(tableau, rtol, atol, dt0, max_steps, gradient) -> None:
+def check_options(
+    tableau, rtol, atol, dt0, max_steps, gradient, adjoint_rtol=None, adjoint_atol=None
+) -> None:
+    """Checks the solve options, by value where they are concrete (traced tolerances and
+    ``dt0`` are checked when the program runs: status ``INVALID_TOLERANCE``)."""
     if gradient not in GRADIENT_MODES:
         raise ValueError(f"unknown gradient mode {gradient!r}: use one of {GRADIENT_MODES}")
     if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps < 1:
@@ -232,6 +236,11 @@ def check_options(tableau, rtol, atol, dt0, max_steps, gradient) -> None:
     if tableau.adaptive and is_concrete(rtol) and is_concrete(atol):
         if np.any((np.asarray(rtol) == 0) & (np.asarray(atol) == 0)):
             raise ValueError("rtol and atol cannot both be 0: no step would meet the tolerance")
+    for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
+        if v is not None and is_concrete(v) and not np.all(np.asarray(v) >= 0):  # NaN too
+            raise ValueError(f"{name} must be >= 0, got {v}")
+        if v is not None and is_concrete(v) and not np.all(np.isfinite(np.asarray(v))):
+            raise ValueError(f"{name} must be finite, got {v}")
     if dt0 is None:
         if not tableau.adaptive:
             raise ValueError(

@@ -46,7 +46,8 @@ from jax import Array
 
 from . import errors
 from .odesolve import odesolve
-from .tableaus import ButcherTableau, get_solver
+from .options import Options
+from .tableaus import ButcherTableau
 
 __all__ = ["MLPField", "ConcatSquashField", "NeuralODE", "ODEBlock", "CNF"]
 
@@ -243,6 +244,7 @@ class ConcatSquashField(eqx.Module):
 
 
 def _as_times(ts: Any, what: str) -> tuple[float, ...]:
+    """Concrete output times as a tuple of floats, checked as ``odesolve`` checks ``ts``."""
     try:
         v = np.asarray(ts, dtype=np.float64)
     except (TypeError, jax.errors.TracerArrayConversionError) as e:
@@ -250,17 +252,10 @@ def _as_times(ts: Any, what: str) -> tuple[float, ...]:
             f"NeuralODE: {what} must be concrete numbers at construction (pass traced times to "
             f"__call__(z0, ts) instead), got {ts!r}"
         ) from e
-    if v.ndim != 1:
-        raise ValueError(f"NeuralODE: {what} must be a 1-D sequence of times, got shape {v.shape}")
-    if v.shape[0] < 2:
-        raise ValueError(f"NeuralODE: {what} must hold at least two times, got {v.shape[0]}")
-    if not np.all(np.isfinite(v)):
-        raise ValueError(f"NeuralODE: {what} must be finite, got {v.tolist()}")
-    d = np.diff(v)
-    if not (np.all(d > 0) or np.all(d < 0)):
-        raise ValueError(
-            f"NeuralODE: {what} must be strictly increasing or strictly decreasing, got {v.tolist()}"
-        )
+    try:
+        errors.check_ts(v)
+    except ValueError as e:
+        raise ValueError(f"NeuralODE: {e}") from None
     return tuple(float(x) for x in v)
 
 
@@ -290,7 +285,10 @@ class NeuralODE(eqx.Module):
     batch ``(..., d)`` solved jointly) or a pytree. The module is a pytree: its only arrays
     are the field's, so ``eqx.filter_grad``, ``eqx.filter_jit``, ``eqx.filter_vmap`` and
     ``optax`` (on ``eqx.filter(node, eqx.is_inexact_array)``) see exactly the field's weights.
-    The times and solve options are static fields; changing them retraces.
+    The times and the solve options (``node.options``, a ``jaxode.Options`` of Python values)
+    are static fields: changing them retraces a jitted caller. To vary the tolerances without
+    retracing (a sweep, a schedule), pass them per call, ``node(z0, rtol=r, atol=a)``: those
+    may be traced arrays, and they are never trainable leaves.
 
     Args:
         field: the vector field ``field(z, t, params) -> dz/dt`` (``params`` is passed as
@@ -300,7 +298,8 @@ class NeuralODE(eqx.Module):
         t0, t1: the interval of the interval mode (``t0 != t1``; ``t1 < t0`` solves backwards).
         solver, rtol, atol, dt0, max_steps, gradient, adjoint_rtol, adjoint_atol,
             adjoint_seminorm, throw: passed to ``jaxode.odesolve`` (same defaults:
-            ``"tsit5"``, 1e-6, 1e-6, ``None``, 4096, ``"adjoint"``, ...).
+            ``"tsit5"``, 1e-6, 1e-6, ``None``, 4096, ``"adjoint"``, ...); concrete numbers,
+            kept in ``node.options``. ``rtol``/``atol`` are the defaults of ``__call__``'s.
         batched: passed to ``odesolve``: ``z0`` carries a leading axis of ``B`` independent
             initial conditions, each solved with its own steps (as under ``eqx.filter_vmap``,
             with the parameter adjoints summed inside one backward solve); the field sees one
@@ -319,18 +318,7 @@ class NeuralODE(eqx.Module):
     field: Callable[..., Any]
     ts: tuple[float, ...] = eqx.field(static=True)
     output_all: bool = eqx.field(static=True)
-    solver: str | ButcherTableau = eqx.field(static=True)
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
-    dt0: float | None = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
-    gradient: str = eqx.field(static=True)
-    adjoint_rtol: float | None = eqx.field(static=True)
-    adjoint_atol: float | None = eqx.field(static=True)
-    adjoint_seminorm: bool = eqx.field(static=True)
-    batched: bool = eqx.field(static=True)
-    throw: bool = eqx.field(static=True)
-    full_output: bool = eqx.field(static=True)
+    options: Options = eqx.field(static=True)
 
     def __init__(
         self,
@@ -364,20 +352,18 @@ class NeuralODE(eqx.Module):
             self.ts, self.output_all = (t0, t1), False
         else:
             self.ts, self.output_all = _as_times(ts, "ts"), True
-        tableau = get_solver(solver)  # ValueError listing the names for an unknown one
-        self.solver = solver
-        self.rtol, self.atol = _as_float("rtol", rtol), _as_float("atol", atol)
-        self.dt0 = _as_float("dt0", dt0)
-        self.adjoint_rtol = _as_float("adjoint_rtol", adjoint_rtol)
-        self.adjoint_atol = _as_float("adjoint_atol", adjoint_atol)
-        errors.check_options(tableau, self.rtol, self.atol, self.dt0, max_steps, gradient)
-        for name, v in (("adjoint_rtol", self.adjoint_rtol), ("adjoint_atol", self.adjoint_atol)):
-            if v is not None and not v >= 0:
-                raise ValueError(f"NeuralODE: {name} must be >= 0, got {v}")
-        self.max_steps, self.gradient = int(max_steps), gradient
-        self.adjoint_seminorm, self.throw = bool(adjoint_seminorm), bool(throw)
-        self.batched = bool(batched)
-        self.full_output = bool(full_output)
+        # Python floats: the options are a static (hashed) field, never a trainable leaf
+        numbers = {name: _as_float(name, v) for name, v in (
+            ("rtol", rtol), ("atol", atol), ("dt0", dt0), ("adjoint_rtol", adjoint_rtol),
+            ("adjoint_atol", adjoint_atol))}
+        try:
+            self.options = Options(
+                solver=solver, max_steps=max_steps, gradient=gradient,
+                adjoint_seminorm=bool(adjoint_seminorm), batched=bool(batched), throw=bool(throw),
+                full_output=bool(full_output), **numbers,
+            )
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"NeuralODE: {e}") from None
 
     @property
     def t0(self) -> float:
@@ -411,13 +397,23 @@ class NeuralODE(eqx.Module):
                     f"of shape {tuple(b.shape)}; dz/dt must have the shape of z"
                 )
 
-    def __call__(self, z0: Any, ts: Array | None = None, *, full_output: bool | None = None) -> Any:
+    def __call__(
+        self,
+        z0: Any,
+        ts: Array | None = None,
+        *,
+        rtol: float | Array | None = None,
+        atol: float | Array | None = None,
+        full_output: bool | None = None,
+    ) -> Any:
         """Solves from ``z0`` at ``self.t0`` (or ``ts[0]``).
 
         Args:
             z0: the initial state (an array, e.g. ``(d,)``, or a pytree).
             ts: optional output times ``(T,)`` overriding the module's; then all of ``ys``
                 (leading axis ``T``) is returned.
+            rtol, atol: override the module's tolerances for this call; may be traced (e.g.
+                arguments of a jitted function), so a sweep over them does not recompile.
             full_output: overrides the module's ``full_output`` for this call.
 
         Returns:
@@ -430,41 +426,26 @@ class NeuralODE(eqx.Module):
         dtype = jnp.result_type(*leaves)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"NeuralODE: z0 must hold floating-point arrays, got dtype {dtype}")
+        opts = self.options
         output_all = self.output_all or ts is not None
         times = jnp.asarray(self.ts if ts is None else ts, dtype=dtype)
-        if self.batched:
+        if opts.batched:
             if any(jnp.ndim(x) < 1 for x in leaves):
                 raise ValueError("NeuralODE(batched=True): z0's leaves need a leading batch axis")
             self._check_field(jax.tree_util.tree_map(lambda x: x[0], z0), times[0])
         else:
             self._check_field(z0, times[0])
-        ys, info = odesolve(
-            self.field,
-            z0,
-            times,
-            None,
-            solver=self.solver,
-            rtol=self.rtol,
-            atol=self.atol,
-            dt0=self.dt0,
-            max_steps=self.max_steps,
-            gradient=self.gradient,
-            adjoint_rtol=self.adjoint_rtol,
-            adjoint_atol=self.adjoint_atol,
-            adjoint_seminorm=self.adjoint_seminorm,
-            batched=self.batched,
-            throw=self.throw,
-            full_output=True,
-        )
+        overrides = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
+        options = {**opts.as_dict(), **overrides, "full_output": True}
+        ys, info = odesolve(self.field, z0, times, None, **options)
         if output_all:
             out = ys
-        elif self.batched:  # (B, T, ...) -> (B, ...)
+        elif opts.batched:  # (B, T, ...) -> (B, ...)
             out = jax.tree_util.tree_map(lambda y: y[:, -1], ys)
         else:
             out = jax.tree_util.tree_map(lambda y: y[-1], ys)
-        want_info = self.full_output if full_output is None else full_output
+        want_info = opts.full_output if full_output is None else full_output
         return (out, info) if want_info else out
-
 
 ODEBlock = NeuralODE
 """An alias of ``NeuralODE``, the name used for the ODE-Net block of Chen et al. (2018)."""

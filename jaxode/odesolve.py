@@ -16,8 +16,9 @@ from jax.flatten_util import ravel_pytree
 from . import adjoint, errors
 from .adjoint import Config, Info
 from .loop import time_dtype
+from .options import Options
 from .step import error_dtype
-from .tableaus import ButcherTableau, get_solver
+from .tableaus import ButcherTableau
 
 __all__ = ["odesolve", "adjoint_backward_info", "Info"]
 
@@ -66,13 +67,13 @@ def _as_state(z0: Any) -> Any:
 def _real_view(tree: Any) -> Any:
     """Complex leaves as real arrays with a trailing axis ``(real, imag)``: the solver works
     on real numbers, and JAX differentiates the split and the join by its own conventions."""
-    split = lambda x: jnp.stack([jnp.real(x), jnp.imag(x)], -1) if _is_complex(x) else x  # noqa: E731
+    split = lambda x: jnp.stack([jnp.real(x), jnp.imag(x)], -1) if _is_complex(x) else x
     return jax.tree_util.tree_map(split, tree)
 
 
 def _complex_view(tree: Any, like: Any) -> Any:
     """The inverse of ``_real_view`` for leaves that are complex in ``like``."""
-    join = lambda x, z: jax.lax.complex(x[..., 0], x[..., 1]) if _is_complex(z) else x  # noqa: E731
+    join = lambda x, z: jax.lax.complex(x[..., 0], x[..., 1]) if _is_complex(z) else x
     return jax.tree_util.tree_map(join, tree, like)
 
 
@@ -91,7 +92,7 @@ def _prepare(f, z0, ts, params, rtol, atol, dt0, batched=False, checked=False) -
         ts = errors.runtime_check_ts(ts)
     z_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), z0)
     y0, unravel_real = ravel_pytree(_real_view(z0))
-    unravel = lambda y: _complex_view(unravel_real(y), z_like)  # noqa: E731
+    unravel = lambda y: _complex_view(unravel_real(y), z_like)
     dtype = y0.dtype
     params_dyn, params_static = eqx.partition(params, eqx.is_array)
 
@@ -107,7 +108,7 @@ def _prepare(f, z0, ts, params, rtol, atol, dt0, batched=False, checked=False) -
 
     if batched:
         y0 = jax.vmap(lambda z: ravel_pytree(_real_view(z))[0])(z0s)
-    as_array = lambda x, dt: None if x is None else jnp.asarray(x, dt)  # noqa: E731
+    as_array = lambda x, dt: None if x is None else jnp.asarray(x, dt)
     tol = error_dtype(dtype)
     return _Problem(field, y0, ts, diff, nondiff, unravel, as_array(rtol, tol), as_array(atol, tol),
                     as_array(dt0, ts.dtype))
@@ -202,18 +203,18 @@ def odesolve(
     Inside ``jax.vmap`` called eagerly the solve is traced on every call: put the vmapped
     function in ``jax.jit``.
     """
-    tableau = get_solver(solver)
-    errors.check_options(tableau, rtol, atol, dt0, max_steps, gradient)
-    for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
-        if v is not None and errors.is_concrete(v) and np.any(np.asarray(v) < 0):
-            raise ValueError(f"{name} must be >= 0, got {v}")
+    opts = Options(
+        solver=solver, rtol=rtol, atol=atol, dt0=dt0, max_steps=max_steps, gradient=gradient,
+        adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_seminorm=adjoint_seminorm,
+        batched=batched, throw=throw, full_output=full_output,
+    )
     z0 = _as_state(z0)
     errors.check_z0(z0)
     ts = errors.check_ts(ts)
     checked = all(errors.is_concrete(x) for x in (ts, rtol, atol, *jax.tree_util.tree_leaves(z0)))
-    static = _Static(tableau, max_steps, gradient, adjoint_seminorm, batched, throw, full_output, checked)
-    tols = [None if x is None else jnp.asarray(x) for x in (rtol, atol, dt0, adjoint_rtol, adjoint_atol)]
-    return _run_compiled(f, z0, ts, params, *tols, static)
+    static = _Static(opts.tableau, opts.max_steps, opts.gradient, opts.adjoint_seminorm, opts.batched,
+                     opts.throw, opts.full_output, checked)
+    return _run_compiled(f, z0, ts, params, *opts.arrays(), static)
 
 
 def _run_compiled(f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol, static: _Static):
@@ -298,36 +299,63 @@ def adjoint_backward_info(
     Args:
         f, z0, ts, params: as for ``odesolve``.
         cotangent: ``∂L/∂ys``, a pytree like ``ys`` (default: ones).
-        options: ``odesolve``'s keyword options (``solver``, ``rtol``, ``atol``, ``dt0``,
-            ``max_steps``, ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_seminorm``).
+        options: ``odesolve``'s keyword options (a ``jaxode.Options``'s fields): ``solver``,
+            ``rtol``, ``atol``, ``dt0``, ``max_steps``, ``adjoint_rtol``, ``adjoint_atol``,
+            ``adjoint_seminorm``, ``throw`` (a failed forward or backward solve raises, as in
+            ``odesolve``; with ``False`` the infos' ``status`` says so), ``batched`` (``z0``'s
+            leading axis holds independent problems, solved as ``odesolve(batched=True)``'s
+            adjoint does). ``gradient`` may only be ``"adjoint"``; ``full_output`` is ignored
+            (the infos are always returned).
 
     Returns:
-        ``((∂L/∂z0, ∂L/∂ts), (forward_info, backward_info))``, ``∂L/∂z0`` flat, shape ``(n,)``.
+        ``((∂L/∂z0, ∂L/∂ts), (forward_info, backward_info))``, ``∂L/∂z0`` flat, shape ``(n,)``
+        (``(B, n)`` and infos of shape ``(B,)`` with ``batched=True``).
+
+    Raises:
+        TypeError: an unknown option (the message names it).
+        ValueError: a bad option value, or ``gradient`` other than ``"adjoint"``.
     """
-    tableau = get_solver(options.get("solver", "tsit5"))
-    rtol, atol = options.get("rtol", 1e-6), options.get("atol", 1e-6)
-    dt0, max_steps = options.get("dt0"), options.get("max_steps", 4096)
-    errors.check_options(tableau, rtol, atol, dt0, max_steps, "adjoint")
-    cfg = Config(tableau, max_steps, options.get("adjoint_seminorm", False))
-    tols = [options.get(k) for k in ("adjoint_rtol", "adjoint_atol")]
-    tols = [None if x is None else jnp.asarray(x) for x in (rtol, atol, dt0, *tols)]
-    return _backward_info_compiled(f, _as_state(z0), ts, params, cotangent, *tols, cfg)
+    opts = Options(**options)  # TypeError naming an unknown key
+    if opts.gradient != "adjoint":
+        raise ValueError(f"adjoint_backward_info runs the adjoint method: gradient must be "
+                         f"'adjoint', got {opts.gradient!r}")
+    cfg = Config(opts.tableau, opts.max_steps, opts.adjoint_seminorm, opts.throw, opts.batched)
+    try:
+        out = _backward_info_compiled(f, _as_state(z0), ts, params, cotangent, *opts.arrays(), cfg)
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(out)):
+            jax.block_until_ready(out)
+    except jax.errors.JaxRuntimeError as e:  # an eager call raises the SolveError itself
+        message = errors.solve_error_message(e)
+        if message is None:
+            raise
+        raise errors.SolveError(message) from None
+    return out
 
 
 def _backward_info(f, z0, ts, params, cotangent, rtol, atol, dt0, adjoint_rtol, adjoint_atol, cfg: Config):
     """``adjoint_backward_info``'s solves, compiled as ``odesolve``'s are."""
-    pb = _prepare(f, z0, ts, params, rtol, atol, dt0)
-    ys, fwd_info, last_step = adjoint.forward(
+    pb = _prepare(f, z0, ts, params, rtol, atol, dt0, cfg.batched)
+    forward, backward = (adjoint.forward_batched, adjoint.backward_batched) if cfg.batched else (
+        adjoint.forward, adjoint.backward)
+    ys, fwd_info, last_step = forward(
         pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg, last_step=True
     )
-    ct = jnp.ones_like(ys) if cotangent is None else jax.vmap(lambda c: ravel_pytree(c)[0])(cotangent)
+    flat = lambda c: ravel_pytree(c)[0]
+    if cotangent is None:
+        ct = jnp.ones_like(ys)
+    else:
+        ct = jax.vmap(jax.vmap(flat))(cotangent) if cfg.batched else jax.vmap(flat)(cotangent)
     a_rtol = pb.rtol if adjoint_rtol is None else jnp.asarray(adjoint_rtol, pb.rtol.dtype)
     a_atol = pb.atol if adjoint_atol is None else jnp.asarray(adjoint_atol, pb.atol.dtype)
-    ct_y0, ct_ts, _, bwd_info = adjoint.backward(
+    ct_y0, ct_ts, _, bwd_info = backward(
         pb.field, ys, pb.ts, pb.diff, pb.nondiff, ct, a_rtol, a_atol,
         last_step if cfg.tableau.adaptive else pb.dt0, cfg,
     )
-    return (ct_y0, ct_ts), (fwd_info, bwd_info)
+    out = (ct_y0, ct_ts), (fwd_info, bwd_info)
+    if cfg.throw:  # like odesolve: a failed solve raises, also when only the infos are used
+        fwd_status, bwd_status = jnp.max(fwd_info.status), jnp.max(bwd_info.status)
+        out = errors.raise_on_failure(out, jnp.where(fwd_status != 0, fwd_status, bwd_status))
+    return out
 
 
 _backward_info_compiled = eqx.filter_jit(_backward_info)

@@ -167,7 +167,7 @@ def initial_step(field: Field, t0, y0, f0, span, order: int, rtol, atol, segment
     edtype = error_dtype(y0.dtype)
     t0 = jnp.asarray(t0)
     scale = atol + jnp.abs(y0.astype(edtype)) * rtol
-    norm = lambda x: rms_norm(_divide(jnp.where(scale > 0, x.astype(edtype), 0), scale, 0.0), segments)  # noqa: E731
+    norm = lambda x: rms_norm(_divide(jnp.where(scale > 0, x.astype(edtype), 0), scale, 0.0), segments)
     d0, d1 = norm(y0), norm(f0)
     h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.where(d1 > 0, d1, 1))
     h0 = jnp.minimum(h0, span)

@@ -46,7 +46,7 @@ def central_difference(fun, x, eps=1e-6):
 
 def directional_difference(fun, x, direction, eps=1e-6):
     """``d/dε fun(x + ε v)`` at 0 by a central difference (for many-parameter models)."""
-    shift = lambda s: jax.tree_util.tree_map(lambda a, v: a + s * v, x, direction)  # noqa: E731
+    shift = lambda s: jax.tree_util.tree_map(lambda a, v: a + s * v, x, direction)
     return (fun(shift(eps)) - fun(shift(-eps))) / (2 * eps)
 
 

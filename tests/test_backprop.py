@@ -20,10 +20,10 @@ from jaxode.backprop import checkpointed_while, custom_vjp_while
 def test_checkpointed_while_matches_while_loop_and_differentiates(max_steps):
     """x <- x * a + 1 for as long as i < n (n data-dependent, capped by max_steps)."""
     n = jnp.array(13)
-    cond = lambda s: s[0] < jnp.minimum(n, max_steps)  # noqa: E731
+    cond = lambda s: s[0] < jnp.minimum(n, max_steps)
 
     def run(a, driver):
-        body = lambda s: (s[0] + 1, s[1] * a + 1.0)  # noqa: E731
+        body = lambda s: (s[0] + 1, s[1] * a + 1.0)
         if driver == "while":
             return lax.while_loop(cond, body, (0, jnp.array(0.5)))[1]
         return checkpointed_while(cond, body, (0, jnp.array(0.5)), max_steps)[1]
@@ -57,7 +57,7 @@ def test_custom_vjp_while_equals_the_unrolled_loop(max_steps):
             i, x = carry
             return (i + 1, x * a + c), outputs.at[i].set(x * c)
 
-        cond = lambda carry: carry[0] < n  # noqa: E731  (the loop itself stops at max_steps)
+        cond = lambda carry: carry[0] < n  # the loop itself stops at max_steps
         (_, x), outputs = custom_vjp_while(cond, body, (jnp.asarray(0), x0), outputs, max_steps)
         return x, outputs
 
@@ -87,8 +87,8 @@ def test_custom_vjp_while_second_derivatives(max_steps):
                 x = x * a + c
             return x
 
-        body = lambda carry, o: ((carry[0] + 1, carry[1] * a + c), o)  # noqa: E731
-        cond = lambda carry: carry[0] < 40  # noqa: E731
+        body = lambda carry, o: ((carry[0] + 1, carry[1] * a + c), o)
+        cond = lambda carry: carry[0] < 40
         return custom_vjp_while(cond, body, (jnp.asarray(0), jnp.array(0.3)), jnp.zeros(1), max_steps)[0][1]
 
     args = (jnp.array(1.02), jnp.array(-0.2))
@@ -131,7 +131,7 @@ def test_checkpoint_mode_under_vmap_with_closures_and_pytrees():
     z0s = {"x": jnp.array([[0.8, -0.3], [2.5, 0.0], [-1.0, 1.5]]), "s": jnp.array([0.1, 0.5, -0.2])}
 
     def loss(z0, b, mode):
-        f = lambda z, t, _: {"x": forced_oscillator(z["x"], t, dict(PARAMS, b=b)), "s": -b * z["s"]}  # noqa: E731
+        f = lambda z, t, _: {"x": forced_oscillator(z["x"], t, dict(PARAMS, b=b)), "s": -b * z["s"]}
         ys = jaxode.odesolve(f, z0, TS, None, gradient=mode, **TOL)
         return weighted_loss(ys["x"]) + jnp.sum(ys["s"] ** 2)
 
@@ -143,7 +143,7 @@ def test_checkpoint_mode_under_vmap_with_closures_and_pytrees():
 
 
 def test_checkpoint_mode_is_reverse_mode_only():
-    solve = lambda z0: jaxode.odesolve(forced_oscillator, z0, TS, PARAMS, gradient="checkpoint")  # noqa: E731
+    solve = lambda z0: jaxode.odesolve(forced_oscillator, z0, TS, PARAMS, gradient="checkpoint")
     with pytest.raises(TypeError, match="forward-mode"):
         jax.jvp(solve, (Z0,), (Z0,))
 
@@ -161,7 +161,7 @@ def test_exact_derivative_of_the_discrete_solution():
 
 
 def test_forward_mode_matches_reverse_mode_and_finite_differences():
-    solve = lambda z0: jaxode.odesolve(forced_oscillator, z0, TS, PARAMS, gradient="backprop", **TOL)  # noqa: E731
+    solve = lambda z0: jaxode.odesolve(forced_oscillator, z0, TS, PARAMS, gradient="backprop", **TOL)
     jac_fwd = jax.jit(jax.jacfwd(solve))(Z0)
     jac_rev = jax.jit(jax.jacrev(solve))(Z0)
     np.testing.assert_allclose(jac_fwd, jac_rev, rtol=1e-10, atol=1e-12)
@@ -227,7 +227,7 @@ def test_vmapped_backprop_cost_does_not_grow_with_max_steps():
 
     def count(max_steps):
         evaluations.clear()
-        loss = lambda k: jnp.sum(jax.vmap(lambda z0: jaxode.odesolve(  # noqa: E731
+        loss = lambda k: jnp.sum(jax.vmap(lambda z0: jaxode.odesolve(
             f, z0, TS, k, gradient="backprop", max_steps=max_steps))(z0s))
         grad = jax.jit(jax.grad(loss))(0.7)
         jax.effects_barrier()

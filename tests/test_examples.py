@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -22,9 +23,9 @@ def load(name):
     return module
 
 
-def run_quick(name, tmp_path):
+def run_quick(name, tmp_path, module=None):
     out = tmp_path / "sub" / f"{name}.png"  # a directory that does not exist yet
-    result = load(name).main(["--quick", "--out", str(out)])
+    result = (module or load(name)).main(["--quick", "--out", str(out)])
     assert out.is_file() and out.stat().st_size > 1000
     with open(out, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -33,10 +34,21 @@ def run_quick(name, tmp_path):
 
 
 def test_pendulum_matches_odeint(tmp_path):
-    r = run_quick("pendulum", tmp_path)
+    """The reported nfe is the number of evaluations of the field the solve really made
+    (counted by a callback inside it, which runs once per evaluation executed)."""
+    module = load("pendulum")
+    field, calls = module.pendulum, []
+
+    def counted(y, t, params):
+        jax.debug.callback(lambda: calls.append(1), ordered=True)
+        return field(y, t, params)
+
+    module.pendulum = counted
+    r = run_quick("pendulum", tmp_path, module)
+    jax.effects_barrier()
     assert r["dtype"] == "float64"
     assert r["max_abs_diff"] < 1e-6
-    assert r["nfe"] > 0
+    assert r["nfe"] == len(calls) and r["num_steps"] > 0
 
 
 def test_spiral_loss_falls_tenfold(tmp_path):

@@ -33,7 +33,7 @@ def _linear(z, t, lam):
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_error_estimate_switched_field(mode):
     """z' = 0 on [0, 1], z' = -z on (1, 3]: ∂ z(3) / ∂ z0 = e^{-2} per component."""
-    loss = lambda z0: jnp.sum(jaxode.odesolve(  # noqa: E731
+    loss = lambda z0: jnp.sum(jaxode.odesolve(
         _switched_on, z0, jnp.array([0.0, 3.0]), 1.0, gradient=mode, **TIGHT)[-1])
     g = jax.jit(jax.grad(loss))(jnp.ones(2))
     np.testing.assert_allclose(g, np.exp(-2.0) * np.ones(2), rtol=1e-6)
@@ -43,7 +43,7 @@ def test_zero_error_estimate_switched_field(mode):
 def test_zero_error_estimate_zero_rate(mode):
     """z' = λ z at λ = 0: z(3) = z0 e^{3λ}, so ∂ Σ z(3) / ∂λ = 3 Σ z0 and ∂/∂z0 = 1."""
     z0 = jnp.array([1.0, -0.5])
-    loss = lambda z0, lam: jnp.sum(jaxode.odesolve(  # noqa: E731
+    loss = lambda z0, lam: jnp.sum(jaxode.odesolve(
         _linear, z0, jnp.array([0.0, 3.0]), lam, gradient=mode, **TIGHT)[-1])
     g_z0, g_lam = jax.jit(jax.grad(loss, argnums=(0, 1)))(z0, 0.0)
     np.testing.assert_allclose(g_z0, np.ones(2), rtol=1e-12)
@@ -64,7 +64,7 @@ def zero_last_layer_mlp():
 def test_zero_error_estimate_zero_initialised_mlp(mode, zero_last_layer_mlp):
     """With f ≡ 0 at the start, a(t) = 1 and z(t) = z0, so ∂ Σ z(T) / ∂θ = T ∂ Σ f(z0) / ∂θ."""
     z0, t1 = jnp.array([0.3, -0.7]), 1.5
-    field = lambda z, t, m: m(z)  # noqa: E731
+    field = lambda z, t, m: m(z)
 
     def loss(m):
         return jnp.sum(jaxode.odesolve(field, z0, jnp.array([0.0, t1]), m, gradient=mode, **TIGHT)[-1])
@@ -112,7 +112,7 @@ def test_throw_under_jit_of_grad(mode, max_steps):
 
 
 def test_throw_under_jit_of_jvp_tangent_only():
-    solve = lambda p: jaxode.odesolve(_blow, jnp.array([1.0]), BLOW_TS, p, gradient="backprop")  # noqa: E731
+    solve = lambda p: jaxode.odesolve(_blow, jnp.array([1.0]), BLOW_TS, p, gradient="backprop")
     tangent = jax.jit(lambda p: jax.jvp(solve, (p,), (1.0,))[1])
     _assert_raises_cause(lambda: tangent(1.0), CAUSES[4096])
 

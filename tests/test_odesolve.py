@@ -3,7 +3,9 @@ solutions, pytrees, dtypes, time direction, jit, vmap, and the returned info."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import re
 
 import equinox as eqx
 import jax
@@ -223,9 +225,27 @@ def test_documented_defaults():
     expected = dict(solver="tsit5", rtol=1e-6, atol=1e-6, dt0=None, max_steps=4096, gradient="adjoint",
                     throw=True, full_output=False)
     assert {k: params[k].default for k in expected} == expected
-    doc = jaxode.odesolve.__doc__
-    for text in ("tsit5", "1e-6", "4096", "adjoint"):
-        assert text in doc
+    documented = _documented_defaults(jaxode.odesolve.__doc__)
+    for name in (*expected, "adjoint_seminorm", "batched"):  # the docstring states each default
+        assert name in documented, name
+        assert documented[name] == params[name].default, (name, documented[name])
+
+
+def _documented_defaults(doc: str) -> dict:
+    """``{option: default}`` as stated in the entries of a docstring's ``Args:`` section
+    ("default ``1e-6``", "(default 4096)", "``"tsit5"`` (default)"), parsed as literals."""
+    args = doc.split("Args:")[1].split("Returns:")[0]
+    entries = re.split(r"\n {8}(?=\w+(?:, \w+)*: )", args)
+    found = {}
+    for entry in entries:
+        names, _, text = entry.partition(": ")
+        text = " ".join(text.split())
+        m = (re.search(r"default[: ]+``([^`]+)``", text, re.I) or re.search(r"\(default (\S+?)\)", text)
+             or re.search(r"``([^`]+)`` \(default\)", text))
+        if m:
+            for name in names.split(", "):
+                found[name.strip()] = ast.literal_eval(m.group(1))
+    return found
 
 
 def test_full_output_info():

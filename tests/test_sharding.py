@@ -81,10 +81,13 @@ def _child() -> dict:  # noqa: C901 - one long script of checks, each recorded i
         jf = jax.jit(fn)
         out = jf(*sharded_args)
         ref = jf(*jax.device_put(sharded_args, dev0))
+        leaves = jax.tree_util.tree_leaves(out)
         res[name] = {
             "err": maxdiff(out, ref),
-            "specs": [spec(x) for x in jax.tree_util.tree_leaves(out)],
-            "finite": bool(all(jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(out))),
+            "specs": [spec(x) for x in leaves],
+            "devices": [len(x.sharding.device_set) for x in leaves],
+            "shard_shapes": [list(x.addressable_shards[0].data.shape) for x in leaves],
+            "finite": bool(all(jnp.all(jnp.isfinite(x)) for x in leaves)),
             "gathers": gathers(jf, *sharded_args) if hlo else None,
             "seconds": time.perf_counter() - t0,
         }
@@ -290,8 +293,13 @@ def results():
 BATCH = ["batch", None, None]
 
 
-def test_child_ran_on_four_devices(results):
+def test_work_is_split_over_four_devices(results):
+    """The mesh spans the four devices and a sharded solve's output really is split: a
+    quarter of the batch of 8 on each device (∂L/∂A replicated on all of them)."""
     assert results["mesh"] == {"batch": NUM_DEVICES}
+    r = results["vmap_adjoint"]
+    assert r["devices"] == [NUM_DEVICES] * 3
+    assert r["shard_shapes"] == [[8 // NUM_DEVICES, 4, 2], [8 // NUM_DEVICES, 2], [2, 2]]
 
 
 @pytest.mark.parametrize("name", ["vmap_adjoint", "vmap_backprop", "batched_adjoint"])

@@ -156,7 +156,20 @@ def test_dense_output_reproduces_b_at_theta_1(name):
     s = tab.num_stages
     np.testing.assert_allclose(w[:s], tab.b, rtol=0, atol=1e-12)
     np.testing.assert_allclose(w[s:], 0.0, rtol=0, atol=1e-12)  # extra stages do not change y_new
-    np.testing.assert_allclose(_dense_weights(tab, 0.0), 0.0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(DENSE_ORDERS))
+def test_dense_output_slopes_at_step_ends(name):
+    """The interpolant is C1 across steps: its slope h·b'(θ)·k is f(t0, y0) = k_1 at θ = 0 and
+    f(t1, y_new) at θ = 1 (the FSAL stage: c = 1 and its row of A is b). (b(0) = 0 holds for
+    any coefficients, so the slopes are what checks them at θ = 0.)"""
+    tab = SOLVERS[name]
+    A, s = _matrix(tab, with_extra=True), tab.num_stages
+    slope = lambda theta: _dense_weights(tab, theta + 1e-30j).imag / 1e-30  # complex step: exact
+    fsal = [i for i in range(s) if np.allclose(A[i, :s], tab.b, rtol=0, atol=1e-15)]
+    assert len(fsal) == 1
+    np.testing.assert_allclose(slope(0.0), np.eye(len(A))[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(slope(1.0), np.eye(len(A))[fsal[0]], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(DENSE_ORDERS))

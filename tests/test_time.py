@@ -60,7 +60,7 @@ def test_adjoint_gradient_at_large_t():
     """The adjoint's backward solve (stopping at each output) at large t: ∂z(T)/∂z0 of the
     oscillator is the rotation by T - t0."""
     ts = T_BIG + jnp.array([0.0, 4.0, 10.0])
-    loss = lambda z0: jaxode.odesolve(_oscillator, z0, ts, rtol=1e-10, atol=1e-10)[-1, 0]  # noqa: E731
+    loss = lambda z0: jaxode.odesolve(_oscillator, z0, ts, rtol=1e-10, atol=1e-10)[-1, 0]
     g = jax.grad(loss)(jnp.array([1.0, 0.5]))
     np.testing.assert_allclose(np.asarray(g), [np.cos(10.0), np.sin(10.0)], rtol=0, atol=1e-8)
 
@@ -93,9 +93,9 @@ def test_float32_state_with_float64_times_runs_in_float64_time():
 def test_float32_state_adjoint_gradient_with_float64_times():
     """``z' = -p cos(t) z`` at t ~ 1e4 (float64 times, float32 state): the adjoint's backward
     solve runs on the same float64 times; ∂z(T)/∂p = -(sin T - sin t0) z(T)."""
-    f = lambda z, t, p: -p * z * jnp.cos(t).astype(z.dtype)  # noqa: E731
+    f = lambda z, t, p: -p * z * jnp.cos(t).astype(z.dtype)
     ts = jnp.array([1e4, 1e4 + 0.5, 1e4 + 1.0])
-    loss = lambda p: jaxode.odesolve(f, jnp.ones(1, jnp.float32), ts, p, rtol=1e-6, atol=1e-7)[-1, 0]  # noqa: E731
+    loss = lambda p: jaxode.odesolve(f, jnp.ones(1, jnp.float32), ts, p, rtol=1e-6, atol=1e-7)[-1, 0]
     value, grad = jax.value_and_grad(loss)(jnp.float32(0.7))
     delta = np.sin(1e4 + 1.0) - np.sin(1e4)
     np.testing.assert_allclose(float(value), np.exp(-0.7 * delta), rtol=2e-6)
@@ -110,7 +110,7 @@ def traced_solve():
     """A jitted solve with traced z0, rtol, atol, dt0 (no trace-time check can see them)."""
 
     def solve(z0, rtol, atol, dt0, solver):
-        f = lambda z, t, p: jnp.stack([z[1], -z[0] / (t - 1.0)])  # noqa: E731 (non-finite at t = 1)
+        f = lambda z, t, p: jnp.stack([z[1], -z[0] / (t - 1.0)])  # non-finite at t = 1
         return jaxode.odesolve(f, z0, jnp.array([0.0, 0.5]), solver=solver, rtol=rtol, atol=atol, dt0=dt0,
                                throw=False, full_output=True)
 
@@ -125,7 +125,7 @@ def test_nan_initial_state_stops_at_once(traced_solve, solver):
 
 
 def test_nan_initial_field_stops_at_once():
-    f = lambda z, t, p: jnp.stack([z[1], -z[0] / (t - 1.0)])  # noqa: E731
+    f = lambda z, t, p: jnp.stack([z[1], -z[0] / (t - 1.0)])
     solve = jax.jit(lambda t0: jaxode.odesolve(f, jnp.array([1.0, 0.0]), jnp.stack([t0, t0 + 1.0]),
                                                throw=False, full_output=True))
     ys, info = solve(1.0)  # f(z0, 1) divides by zero
@@ -151,7 +151,7 @@ def test_invalid_traced_tolerance_raises_naming_it():
 def test_atol_zero_with_zero_components(name):
     """atol = 0: the zero components (here: the second initially, the third always) must not
     turn the automatic first step or the error norm into 0/0."""
-    f = lambda z, t, p: jnp.stack([z[1], -z[0], -z[2]])  # noqa: E731
+    f = lambda z, t, p: jnp.stack([z[1], -z[0], -z[2]])
     ts = jnp.array([0.0, 1.0, 3.0])
     ys, info = jaxode.odesolve(f, jnp.array([1.0, 0.0, 0.0]), ts, solver=name, rtol=1e-8, atol=0.0,
                                full_output=True)
@@ -165,7 +165,7 @@ def test_atol_zero_with_zero_components(name):
 
 
 def test_float32_long_horizon_no_false_underflow():
-    f = lambda z, t, p: -1000 * jnp.exp(-1000 * t) * jnp.ones_like(z)  # noqa: E731  z = exp(-1000 t)
+    f = lambda z, t, p: -1000 * jnp.exp(-1000 * t) * jnp.ones_like(z)  # z = exp(-1000 t)
     ts = jnp.array([0.0, 1e-3, 1e4], jnp.float32)
     ys, info = jaxode.odesolve(f, jnp.array([1.0], jnp.float32), ts, rtol=1e-4, atol=1e-6, full_output=True,
                                throw=False)

@@ -1,0 +1,95 @@
+"""``Options``: the solve options of ``odesolve``, in one validated, immutable object.
+
+``odesolve`` builds one from its keyword options; ``NeuralODE`` holds one (its static
+configuration); ``adjoint_backward_info`` builds one from its ``**options``, so a misspelt key
+is a ``TypeError`` naming it. The options are checked once, when the object is made::
+
+    opts = jaxode.Options(solver="dopri5", rtol=1e-8, atol=1e-8)
+    ys = jaxode.odesolve(f, z0, ts, **opts.as_dict())
+    tight = opts.replace(rtol=1e-10)          # a new, re-validated object
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from . import errors
+from .tableaus import ButcherTableau, get_solver
+
+__all__ = ["Options"]
+
+_FLAGS = ("adjoint_seminorm", "batched", "throw", "full_output")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+    """The options of a solve (see ``jaxode.odesolve`` for their meaning and defaults).
+
+    Immutable; checked when made (``ValueError``/``TypeError`` naming the bad option, with
+    the messages ``odesolve`` gives). Tolerances and ``dt0`` may be numbers or arrays, traced
+    ones included (they are then checked when the program runs); the other options are
+    Python values. Hashable (so usable as a static field or ``jit`` argument) when the
+    tolerances and ``dt0`` are Python or NumPy scalars.
+
+    Attributes:
+        solver: a solver name or a ``ButcherTableau`` (default ``"tsit5"``).
+        rtol, atol: the step-size controller's tolerances (default ``1e-6`` each).
+        dt0: a fixed-step solver's step, or an adaptive one's first step (default ``None``).
+        max_steps: the most steps, accepted and rejected (default 4096).
+        gradient: ``"adjoint"`` (default), ``"backprop"`` or ``"checkpoint"``.
+        adjoint_rtol, adjoint_atol: the backward solve's tolerances (default: the forward ones).
+        adjoint_seminorm: leave the parameter adjoints out of the backward error control.
+        batched: ``z0`` carries a leading axis of independent problems.
+        throw: raise on a failed solve (default ``True``).
+        full_output: also return an ``Info`` (default ``False``).
+    """
+
+    solver: str | ButcherTableau = "tsit5"
+    rtol: float | Array = 1e-6
+    atol: float | Array = 1e-6
+    dt0: float | Array | None = None
+    max_steps: int = 4096
+    gradient: str = "adjoint"
+    adjoint_rtol: float | Array | None = None
+    adjoint_atol: float | Array | None = None
+    adjoint_seminorm: bool = False
+    batched: bool = False
+    throw: bool = True
+    full_output: bool = False
+
+    def __post_init__(self):
+        errors.check_options(
+            self.tableau, self.rtol, self.atol, self.dt0, self.max_steps, self.gradient,
+            self.adjoint_rtol, self.adjoint_atol,
+        )
+        for name in _FLAGS:
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+            object.__setattr__(self, name, bool(value))
+        object.__setattr__(self, "max_steps", int(self.max_steps))
+
+    @property
+    def tableau(self) -> ButcherTableau:
+        """The solver's Butcher tableau."""
+        return get_solver(self.solver)  # ValueError listing the names for an unknown one
+
+    def replace(self, **changes: Any) -> Options:
+        """A copy with ``changes`` applied, validated again; an unknown name is a ``TypeError``."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as ``odesolve``'s keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def arrays(self) -> tuple[Array | None, ...]:
+        """``(rtol, atol, dt0, adjoint_rtol, adjoint_atol)`` as JAX arrays (``None`` kept): the
+        values a compiled solve takes as inputs, so changing them does not recompile."""
+        values = (self.rtol, self.atol, self.dt0, self.adjoint_rtol, self.adjoint_atol)
+        return tuple(None if v is None else jnp.asarray(v) for v in values)
+
