@@ -57,7 +57,8 @@ NOISE = 0.05
 LATENT, HIDDEN = 4, 25
 NUM_WINDOW, NUM_EXTRA = 100, 50
 T_WINDOW, T_END = 2 * math.pi, 3 * math.pi
-# Chen et al. (2018), Table 2: predictive RMSE on the test set, as we know them (not checked against the paper's text here).
+# Chen et al. (2018), Table 2: predictive RMSE on the test set, as we know them
+# (not checked against the paper's text here).
 PAPER = {30: (0.1642, 0.3937), 50: (0.1502, 0.3202), 100: (0.1346, 0.1813)}  # (latent ODE, RNN)
 
 

@@ -224,8 +224,14 @@ def _run_compiled(f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol
     if not _hashable(args) or adjoint.batch_traced(args):
         # under jax.vmap the adjoint's own batching rule must see the solve (see adjoint.solve)
         return _solve(*args)
+    return _run_eagerly_raising(_solve_compiled, *args)
+
+
+def _run_eagerly_raising(compiled: Callable, *args):
+    """``compiled(*args)``; called eagerly, it waits for the result and raises a failure as the
+    ``SolveError`` itself (JAX would wrap it in a ``JaxRuntimeError``)."""
     try:
-        out = _solve_compiled(*args)
+        out = compiled(*args)
         if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(out)):
             jax.block_until_ready(out)
     except jax.errors.JaxRuntimeError as e:
@@ -320,16 +326,9 @@ def adjoint_backward_info(
         raise ValueError(f"adjoint_backward_info runs the adjoint method: gradient must be "
                          f"'adjoint', got {opts.gradient!r}")
     cfg = Config(opts.tableau, opts.max_steps, opts.adjoint_seminorm, opts.throw, opts.batched)
-    try:
-        out = _backward_info_compiled(f, _as_state(z0), ts, params, cotangent, *opts.arrays(), cfg)
-        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(out)):
-            jax.block_until_ready(out)
-    except jax.errors.JaxRuntimeError as e:  # an eager call raises the SolveError itself
-        message = errors.solve_error_message(e)
-        if message is None:
-            raise
-        raise errors.SolveError(message) from None
-    return out
+    return _run_eagerly_raising(
+        _backward_info_compiled, f, _as_state(z0), ts, params, cotangent, *opts.arrays(), cfg
+    )
 
 
 def _backward_info(f, z0, ts, params, cotangent, rtol, atol, dt0, adjoint_rtol, adjoint_atol, cfg: Config):
