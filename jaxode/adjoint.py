@@ -278,7 +278,7 @@ def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol
 
     if cfg.batched:
         fwd_solve = lambda *a, **o: forward_batched(field, *a, cfg, **o)  # noqa: E731
-        bwd_solve = lambda *a: backward_batched(field, *a, cfg)  # noqa: E731
+        bwd_solve = _not_differentiable(lambda *a: backward_batched(field, *a, cfg))
     else:  # the rules themselves differentiable: second derivatives
         fwd_solve = lambda *a, **o: _differentiated_by_backprop(forward, field, cfg, **o)(*a)  # noqa: E731
         bwd_solve = lambda *a: _differentiated_by_backprop(backward, field, cfg)(*a)  # noqa: E731
@@ -452,6 +452,27 @@ def _shared_jvp(one, many, primals, tangents):
         return _batched_jvp(one, many, axis_size, in_batched, primals, tangents, folded=True)
 
     return nested(primals, tangents)
+
+
+_SECOND_DERIVATIVES = (
+    "jaxode: second derivatives (jax.hessian, jax.grad of jax.grad) of the adjoint with "
+    "batched=True are not supported: use gradient=\"backprop\" (or the adjoint without batched)"
+)
+
+
+def _not_differentiable(fn: Callable) -> Callable:
+    """``fn``, refusing to be differentiated itself with a message naming the alternative
+    (the batched backward solve runs a ``lax.while_loop``)."""
+
+    @jax.custom_jvp
+    def run(*args):
+        return fn(*args)
+
+    @run.defjvp
+    def _jvp(primals, tangents):
+        raise NotImplementedError(_SECOND_DERIVATIVES)
+
+    return run
 
 
 def _differentiated_by_backprop(solve: Callable, field: FlatField, cfg: Config, **options) -> Callable:

@@ -257,3 +257,14 @@ def test_grad_of_vmap_with_a_batched_closure_is_a_clear_error():
 
     with pytest.raises(ValueError, match="closes over an array that the vmap batches"):
         jax.grad(lambda k: jnp.sum(jax.vmap(loss, (0, 0, None))(z0s, rates, k)))(jnp.array(1.0))
+
+
+def test_second_derivatives_of_the_batched_adjoint_name_backprop():
+    z0s = jnp.array([[1.0], [2.0]])
+
+    def loss(k):
+        return jnp.sum(jaxode.odesolve(lambda z, t, k: -k * z, z0s, jnp.array([0.0, 1.0]), k, batched=True))
+
+    assert float(jax.grad(loss)(0.5)) == pytest.approx(-3.0 * np.exp(-0.5), rel=1e-5)
+    with pytest.raises(NotImplementedError, match='gradient="backprop"'):
+        jax.grad(jax.grad(loss))(0.5)
