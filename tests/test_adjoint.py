@@ -109,7 +109,8 @@ def test_closed_over_arrays_are_differentiated():
     assert abs(g - central_difference(loss, jnp.array(0.7))) < 1e-7 * max(1, abs(g))
 
 
-@pytest.mark.parametrize("solver", ["dopri5", "tsit5", "bosh3", "dopri8"])
+@pytest.mark.parametrize("solver", ["tsit5", "bosh3", pytest.param("dopri5", marks=pytest.mark.slow),
+                                    pytest.param("dopri8", marks=pytest.mark.slow)])
 def test_adjoint_converges_to_backprop(solver):
     """As the tolerance tightens, the continuous adjoint approaches the discrete gradient: their
     difference is of the order of the tolerance, and shrinks with it."""
@@ -230,6 +231,7 @@ def test_failed_backward_solve_raises_or_returns_nan():
     assert all(np.all(np.isnan(x)) for x in jax.tree_util.tree_leaves(eqx.filter(g, eqx.is_inexact_array)))
 
 
+@pytest.mark.slow  # ~45 s: compiles the gradient at three step budgets
 def test_adjoint_memory_does_not_grow_with_max_steps():
     """XLA's compiled buffers for the adjoint gradient do not depend on the step budget."""
     field, z0, ts = neural_field_problem()

@@ -109,7 +109,7 @@ def _mode_grads(mode, solver, max_steps, **options):
 
 
 @pytest.mark.parametrize("solver,options", [
-    ("dopri5", TOL), ("dopri8", TOL), ("rk4", dict(dt0=0.05)),
+    ("dopri5", TOL), pytest.param("dopri8", TOL, marks=pytest.mark.slow), ("rk4", dict(dt0=0.05)),
 ], ids=["dopri5", "dopri8", "rk4"])
 def test_checkpoint_mode_equals_backprop(solver, options):
     """Both modes differentiate the same computed solution exactly: equal gradients (w.r.t.

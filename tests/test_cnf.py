@@ -171,8 +171,13 @@ def grad_problem(small_field):
     return x, key, params, static, direction
 
 
-@pytest.mark.parametrize("gradient", ["adjoint", "backprop", "checkpoint"])
-@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+@pytest.mark.parametrize("gradient, trace", [
+    ("adjoint", "exact"), ("checkpoint", "hutchinson"),
+    pytest.param("backprop", "exact", marks=pytest.mark.slow),
+    pytest.param("checkpoint", "exact", marks=pytest.mark.slow),
+    pytest.param("adjoint", "hutchinson", marks=pytest.mark.slow),
+    pytest.param("backprop", "hutchinson", marks=pytest.mark.slow),
+])
 def test_gradients_match_finite_differences(grad_problem, gradient, trace):
     """The weights' gradient of ``-mean log p + kinetic + frobenius`` along a random
     direction, against a float64 central difference of the loss."""

@@ -76,6 +76,7 @@ def test_euler_error_is_first_order(tmp_path):
     assert r["final_loss"] < r["initial_loss"]
 
 
+@pytest.mark.slow  # ~45 s of compilation and training on 2 cores
 def test_cnf_toy_learns_a_normalised_density(tmp_path):
     r = run_quick("cnf_toy", tmp_path)
     for name in ("plain", "regularised"):
@@ -90,6 +91,7 @@ def test_cnf_toy_learns_a_normalised_density(tmp_path):
     assert 2.7 < r["true_nll"] < 3.0  # ≈ log 8 + 1 + log(2π σ²) = 2.84 for separated modes
 
 
+@pytest.mark.slow  # ~50 s on 2 cores
 def test_latent_ode_and_rnn_losses_fall(tmp_path):
     r = run_quick("latent_ode", tmp_path)
     assert list(r["results"]) == [30]
