@@ -57,7 +57,9 @@ class Info(NamedTuple):
         nfe: evaluations of the vector field, including the first-step selection (for the
             adjoint's backward solve: evaluations of the augmented field, one ``jax.vjp`` of
             ``f`` each).
-        status: 0 on success; 1 max_steps reached; 2 step size underflow; 3 non-finite state.
+        status: 0 on success; 1 max_steps reached; 2 step size underflow; 3 non-finite state
+            (also a non-finite ``z0`` or ``f(z0, t0)``); 4 invalid traced ``rtol``, ``atol``
+            or ``dt0`` (no step taken).
     """
 
     num_steps: Array
