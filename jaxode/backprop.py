@@ -23,7 +23,7 @@ the vector field's own intermediates):
 
 Under ``jax.vmap`` a batched predicate would turn ``lax.cond`` into a select that runs both
 branches, and every block would run; so a block is skipped when the loop has finished for
-every element of the batch (``any_in_batch``), and inside a block that runs, the iterations of
+every element of the batch (``max_in_batch``), and inside a block that runs, the iterations of
 finished elements are masked. The cost then grows with the most steps any element takes, not
 with ``max_steps``.
 
@@ -84,22 +84,23 @@ def checkpointed_while(
         return lax.scan(guarded, state, None, length=block)[0]
 
     def run_block(state, _):
-        return lax.cond(any_in_batch(cond(state)), run, lambda s: s, state), None
+        return lax.cond(max_in_batch(cond(state)), run, lambda s: s, state), None
 
     return lax.scan(run_block, init, None, length=num_blocks)[0]
 
 
 @jax.custom_batching.custom_vmap
-def any_in_batch(pred: Array) -> Array:
-    """``pred`` itself; under ``jax.vmap``, ``jnp.any`` of it over the batch, unbatched, so that
-    a ``lax.cond`` on it stays a branch instead of becoming a select."""
-    return pred
+def max_in_batch(x: Array) -> Array:
+    """The scalar ``x`` itself; under ``jax.vmap``, its maximum over the batch, unbatched (for a
+    boolean, whether it holds anywhere in the batch). A ``lax.cond`` on it stays a branch
+    instead of becoming a select, and a batch sharded over devices is reduced, not gathered."""
+    return x
 
 
-@any_in_batch.def_vmap
-def _any_in_batch_rule(axis_size, in_batched, pred):
+@max_in_batch.def_vmap
+def _max_in_batch_rule(axis_size, in_batched, x):
     del axis_size
-    return (jnp.any(pred) if in_batched[0] else pred), False
+    return (jnp.max(x) if in_batched[0] else x), False
 
 
 def hoist(fn: Callable, *example) -> tuple[Callable, list]:

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from .backprop import max_in_batch
+
 SUCCESS = 0
 MAX_STEPS_REACHED = 1
 STEP_SIZE_UNDERFLOW = 2
@@ -93,7 +95,7 @@ def fail_if(x, code, messages):
 def _failure_token(code, messages) -> Array:
     """A zero (int32 scalar) whose computation raises ``SolveError(messages[code])`` when the
     program runs, if ``code`` is nonzero: add it to a value to attach the check to it."""
-    code = _max_in_batch(jnp.max(jax.lax.stop_gradient(jnp.asarray(code, jnp.int32))))
+    code = max_in_batch(jnp.max(jax.lax.stop_gradient(jnp.asarray(code, jnp.int32))))
     messages = tuple(messages)
 
     def check(code):
@@ -103,19 +105,6 @@ def _failure_token(code, messages) -> Array:
         )
 
     return jax.lax.cond(code != 0, check, lambda c: jnp.zeros((), jnp.int32), code)
-
-
-@jax.custom_batching.custom_vmap
-def _max_in_batch(code: Array) -> Array:
-    """``code``; under ``jax.vmap``, its maximum over the batch, unbatched: the check then runs
-    once on a scalar (a batch sharded over devices is reduced, never gathered to the host)."""
-    return code
-
-
-@_max_in_batch.def_vmap
-def _max_in_batch_rule(axis_size, in_batched, code):
-    del axis_size
-    return (jnp.max(code) if in_batched[0] else code), False
 
 
 def _is_float(a) -> bool:
