@@ -208,13 +208,18 @@ def odesolve(
         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_seminorm=adjoint_seminorm,
         batched=batched, throw=throw, full_output=full_output,
     )
-    z0 = _as_state(z0)
-    errors.check_z0(z0)
-    ts = errors.check_ts(ts)
+    z0, ts = _checked_inputs(z0, ts)
     checked = all(errors.is_concrete(x) for x in (ts, rtol, atol, *jax.tree_util.tree_leaves(z0)))
     static = _Static(opts.tableau, opts.max_steps, opts.gradient, opts.adjoint_seminorm, opts.batched,
                      opts.throw, opts.full_output, checked)
     return _run_compiled(f, z0, ts, params, *opts.arrays(), static)
+
+
+def _checked_inputs(z0, ts):
+    """``(z0, ts)`` as arrays, checked before any work (by value where they are concrete)."""
+    z0 = _as_state(z0)
+    errors.check_z0(z0)
+    return z0, errors.check_ts(ts)
 
 
 def _run_compiled(f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol, static: _Static):
@@ -327,7 +332,7 @@ def adjoint_backward_info(
                          f"'adjoint', got {opts.gradient!r}")
     cfg = Config(opts.tableau, opts.max_steps, opts.adjoint_seminorm, opts.throw, opts.batched)
     return _run_eagerly_raising(
-        _backward_info_compiled, f, _as_state(z0), ts, params, cotangent, *opts.arrays(), cfg
+        _backward_info_compiled, f, *_checked_inputs(z0, ts), params, cotangent, *opts.arrays(), cfg
     )
 
 

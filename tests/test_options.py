@@ -170,3 +170,10 @@ def test_adjoint_backward_info_honours_throw():
         jaxode.adjoint_backward_info(_linear, Z0, TS, A, **opts)
     (ct_z0, _), (fwd, _) = jaxode.adjoint_backward_info(_linear, Z0, TS, A, throw=False, **opts)
     assert int(fwd.status) == 1
+
+
+def test_adjoint_backward_info_checks_z0_like_odesolve():
+    with pytest.raises(TypeError, match="floating"):
+        jaxode.adjoint_backward_info(lambda z, t, p: -z, jnp.array([1, 2]), jnp.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="z0 must be finite"):
+        jaxode.adjoint_backward_info(lambda z, t, p: -z, jnp.array([jnp.nan, 2.0]), jnp.array([0.0, 1.0]))
