@@ -6,19 +6,24 @@ through the solver.
 """
 
 from . import nn
-from .adjoint import Info
 from .cnf import CNF
+from .dense import DenseSolution
 from .errors import SolveError
+from .loop import Info
+from .methods import METHODS, ButcherTableau, Method
+from .methods.tableaus import SOLVERS
 from .nn import ConcatSquashField, MLPField, NeuralODE, ODEBlock
 from .odesolve import adjoint_backward_info, odesolve
 from .options import Options
-from .tableaus import SOLVERS, ButcherTableau
 
 __all__ = [
     "odesolve",
     "adjoint_backward_info",
     "Options",
     "Info",
+    "DenseSolution",
+    "Method",
+    "METHODS",
     "SolveError",
     "ButcherTableau",
     "SOLVERS",

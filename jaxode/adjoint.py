@@ -26,123 +26,39 @@ adjoints are left out of the error control (Kidger, Chen & Lyons, "Hey, that's n
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import Array
 from jax.flatten_util import ravel_pytree
 
 from . import errors
-from .backprop import zero_cotangent
-from .loop import LoopState, integrate, make_loop
-from .tableaus import ButcherTableau
+from .drivers import integrate
+from .forward import Config, Controls, FlatField, Solution, forward, forward_batched
+from .loop import Loop, info_of
+from .while_loops import zero_cotangent
 
 try:  # JAX has no public name for it; without it, vmap of the adjoint keeps per-sample adjoints
     from jax._src.interpreters.batching import BatchTracer as _BatchTracer
 except ImportError:  # pragma: no cover
     _BatchTracer = ()
 
-# field(y, t, diff_args, nondiff_args) -> dy/dt on flat states
-FlatField = Callable[[Array, Array, object, object], Array]
 
-
-class Info(NamedTuple):
-    """Statistics of a solve (JAX integer arrays; batched under ``vmap``).
-
-    Attributes:
-        num_steps: step attempts, ``num_accepted + num_rejected``.
-        num_accepted: accepted steps.
-        num_rejected: rejected steps.
-        nfe: evaluations of the vector field, including the first-step selection (for the
-            adjoint's backward solve: evaluations of the augmented field, one ``jax.vjp`` of
-            ``f`` each).
-        status: 0 on success; 1 max_steps reached; 2 step size underflow; 3 non-finite state
-            (also a non-finite ``z0`` or ``f(z0, t0)``); 4 invalid traced ``rtol``, ``atol``
-            or ``dt0`` (no step taken).
-    """
-
-    num_steps: Array
-    num_accepted: Array
-    num_rejected: Array
-    nfe: Array
-    status: Array
-
-
-class Config(NamedTuple):
-    """The static options of a solve."""
-
-    tableau: ButcherTableau
-    max_steps: int
-    seminorm: bool = False
-    throw: bool = True
-    batched: bool = False  # y0 is (B, n): B problems, each with its own steps, shared args
-
-
-def info_of(state: LoopState) -> Info:
-    return Info(
-        num_steps=state.num_accepted + state.num_rejected,
-        num_accepted=state.num_accepted,
-        num_rejected=state.num_rejected,
-        nfe=state.nfe,
-        status=state.status,
-    )
-
-
-def forward(
-    field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, cfg: Config,
-    gradient: str | None = None, last_step: bool = False,
-):
-    """The plain solve: ``(ys, info)`` with ``ys`` of shape ``(len(ts), n)`` (and, with
-    ``last_step``, the step size the controller proposed at the end)."""
-    if gradient is not None:  # the loop itself is differentiated
-        field = _no_derivative_where_nonfinite(field)
-    state = integrate(
-        lambda y, t: field(y, t, diff, nondiff), y0, ts, rtol, atol, dt0,
-        tableau=cfg.tableau, max_steps=cfg.max_steps, gradient=gradient,
-    )
-    return (state.ys, info_of(state)) + ((state.h,) if last_step else ())
-
-
-def _no_derivative_where_nonfinite(field: FlatField) -> FlatField:
-    """``field``, with a zero derivative at an evaluation whose input or value is not finite.
-
-    Such an evaluation belongs to a step attempt that is rejected (or to a failed solve): its
-    cotangents are zero, but ``0 · ∂f/∂z`` with an infinite ``∂f/∂z`` (``z³`` at an overflowed
-    stage, say) is NaN and would poison every gradient. The derivative is masked on both
-    sides, ``where(ok, J where(ok, v, 0), 0)``, so that its transpose is masked too.
-    """
-
-    @jax.custom_jvp
-    def masked(y, t, diff, nondiff):
-        return field(y, t, diff, nondiff)
-
-    @masked.defjvp
-    def _jvp(primals, tangents):
-        y, t = primals[:2]
-        out = field(*primals)
-        ok = jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(t)) & jnp.all(jnp.isfinite(out))
-
-        def mask(v):
-            dtype = jnp.result_type(v)
-            return jnp.where(ok, v, 0).astype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else v
-
-        _, t_out = jax.jvp(field, primals, jax.tree_util.tree_map(mask, tangents))
-        return out, mask(t_out)
-
-    return masked
+def _backward_info(state, ts) -> object:
+    """The ``Info`` of a backward solve (its time runs from ``ts[-1]`` to ``ts[0]``)."""
+    return info_of(state, jnp.where(ts[0] >= ts[-1], 1, -1).astype(state.t.dtype))
 
 
 def backward(
-    field: FlatField, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0, cfg: Config, gradient: str | None = None
+    field: FlatField, ys, ts, diff, nondiff, ct_ys, controls: Controls, cfg: Config, driver: str = "automatic"
 ):
     """The backward augmented solve: ``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, info)``.
 
-    ``ys``: the forward outputs ``(T, n)``; ``ct_ys``: ``∂L/∂ys``, same shape; ``dt0``: the
-    first step to try (``None``: automatic). ``info.nfe`` counts evaluations of the augmented
-    field (one ``jax.vjp`` of ``f`` each); ``∂L/∂ts`` takes ``T - 1`` more evaluations of ``f``
-    at the outputs, in one batch (removed by XLA when ``ts`` is not differentiated).
-    ``gradient``: the driver, as for ``forward``.
+    ``ys``: the forward outputs ``(T, n)``; ``ct_ys``: ``∂L/∂ys``, same shape; ``controls``:
+    the backward solve's (its ``dt0`` the first step to try, ``None``: automatic; the same
+    ``max_dt`` and ``jump_ts`` as the forward solve). ``info.nfe`` counts evaluations of the
+    augmented field (one ``jax.vjp`` of ``f`` each); ``∂L/∂ts`` takes ``T - 1`` more
+    evaluations of ``f`` at the outputs, in one batch (removed by XLA when ``ts`` is not
+    differentiated). ``driver``: as for ``forward``.
     """
     num_out, n = ys.shape
     theta, unravel = ravel_pytree(diff)
@@ -154,23 +70,21 @@ def backward(
         # y may be wider than the state (float64 θ, float32 z): f gets z in the state's dtype
         # and t in the time dtype, as it was traced
         z, a = y[:n].astype(ys.dtype), y[n : 2 * n].astype(ys.dtype)
-        f_at = lambda z, t, th: field(z, t, unravel(th), nondiff)  # noqa: E731
-        fz, vjp = jax.vjp(f_at, z, t, theta)
+        fz, vjp = jax.vjp(lambda z, t, th: field(z, t, unravel(th), nondiff), z, t, theta)
         gz, gt, gth = vjp(a)
         return jnp.concatenate([fz, -gz, -gth, -gt[None]]).astype(dtype)
 
     ys_rev, ct_rev = ys[::-1], ct_ys[::-1]
 
-    def jump(i, y):
+    def at_output(i, y):
         return y.at[:n].set(ys_rev[i].astype(dtype)).at[n : 2 * n].add(ct_rev[i].astype(dtype))
 
-    y_init = jnp.concatenate(
-        [ys[-1], ct_ys[-1], jnp.zeros(p, dtype), jnp.zeros(1, dtype)]
-    ).astype(dtype)
+    y_init = jnp.concatenate([ys[-1], ct_ys[-1], jnp.zeros(p, dtype), jnp.zeros(1, dtype)]).astype(dtype)
     parts = ((0, n), (n, 2 * n)) if cfg.seminorm else ((0, n), (n, 2 * n), (2 * n, 2 * n + p + 1))
     state = integrate(
-        augmented, y_init, ts[::-1], rtol, atol, dt0, tableau=cfg.tableau,
-        max_steps=cfg.max_steps, jump=jump, save_outputs=False, segments=parts, gradient=gradient,
+        augmented, y_init, ts[::-1], controls.rtol, controls.atol, controls.dt0, driver=driver,
+        method=cfg.method, max_steps=cfg.max_steps, at_output=at_output, save_outputs=False,
+        segments=parts, max_dt=controls.max_dt, jump_ts=controls.jump_ts,
     )
     y = state.y
     fs = jax.vmap(lambda yi, ti: field(yi, ti, diff, nondiff))(ys[1:], ts[1:])
@@ -178,33 +92,29 @@ def backward(
     ct_ts = jnp.concatenate([(y[-1] - jnp.sum(ct_t))[None], ct_t]).astype(ts.dtype)
     ct_y0 = y[n : 2 * n].astype(ys.dtype)
     ct_diff = unravel(y[2 * n : 2 * n + p])
-    return ct_y0, ct_ts, ct_diff, info_of(state)
+    return ct_y0, ct_ts, ct_diff, _backward_info(state, ts)
 
 
-def forward_batched(field, y0s, ts, diff, nondiff, rtol, atol, dt0, cfg: Config, **options):
-    """``forward`` for ``y0s`` of shape ``(B, n)``: each problem with its own step sizes."""
-    one = lambda y0: forward(field, y0, ts, diff, nondiff, rtol, atol, dt0, cfg, **options)  # noqa: E731
-    return jax.vmap(one)(y0s)
-
-
-def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg: Config):
+def backward_batched(field: FlatField, ys, ts, diff, nondiff, ct_ys, controls: Controls, cfg: Config):
     """``backward`` for a batch sharing its parameters: ``ys``, ``ct_ys`` of shape ``(B, T, n)``.
 
     Each problem solves ``[z, a, a_t]`` backwards with its own step sizes (as under
     ``jax.vmap``), and the parameter adjoint of the whole batch,
     ``Σ_b ∫ a_b·∂f/∂θ(z_b, t) dt``, is accumulated in one shared vector: every accepted step
-    adds ``-h Σ_i b_i a_i·∂f/∂θ(z_i, t_i)`` over its stages — exactly the Runge–Kutta update of
-    the ``a_θ`` component — by one ``jax.vjp`` over the stages of all problems. Nothing of
-    size ``B × len(θ)`` is ever formed, which is what makes ``jax.vmap`` of the plain adjoint
+    adds ``-h Σ_i w_i a_i·∂f/∂θ(z_i, t_i)`` over the method's quadrature nodes (for a
+    Runge–Kutta method: its stages with their weights ``b_i``, exactly the update the ``a_θ``
+    component would get) by one ``jax.vjp`` over the nodes of all problems. Nothing of size
+    ``B × len(θ)`` is ever formed, which is what makes ``jax.vmap`` of the plain adjoint
     expensive. The parameter adjoint is therefore left out of the error control (the
-    seminorm); ``z`` and ``a`` are controlled per problem. ``dt0s``: ``(B,)`` first steps.
+    seminorm); ``z`` and ``a`` are controlled per problem. ``controls.dt0``: ``(B,)`` first
+    steps, or ``None``.
     """
     batch, num_out, n = ys.shape
-    dt0s = None if dt0s is None else jnp.broadcast_to(dt0s, (batch,))
+    dt0s = None if controls.dt0 is None else jnp.broadcast_to(controls.dt0, (batch,))
     theta, unravel = ravel_pytree(diff)
     dtype = ys.dtype
     ct_ys = ct_ys.astype(dtype)
-    tableau = cfg.tableau
+    method = cfg.method
 
     def augmented(y, t):
         fz, vjp = jax.vjp(lambda z, t: field(z, t, diff, nondiff), y[:n], t)
@@ -213,46 +123,46 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
 
     def loop_for(ys_b, ct_b, dt0_b):
         ys_rev, ct_rev = ys_b[::-1], ct_b[::-1]
-        jump = lambda i, y: y.at[:n].set(ys_rev[i]).at[n : 2 * n].add(ct_rev[i])  # noqa: E731
         y_init = jnp.concatenate([ys_b[-1], ct_b[-1], jnp.zeros(1, dtype)])
-        return make_loop(
-            augmented, y_init, ts[::-1], rtol, atol, dt0_b, tableau=tableau, max_steps=cfg.max_steps,
-            jump=jump, save_outputs=False, segments=((0, n), (n, 2 * n)),
+        return Loop(
+            augmented, y_init, ts[::-1], controls.rtol, controls.atol, dt0_b, method=method,
+            max_steps=cfg.max_steps, save_outputs=False, segments=((0, n), (n, 2 * n)),
+            at_output=lambda i, y: y.at[:n].set(ys_rev[i]).at[n : 2 * n].add(ct_rev[i]),
+            max_dt=controls.max_dt, jump_ts=controls.jump_ts,
         )
 
-    used = [i for i, b in enumerate(tableau.b) if b != 0]
-    weights = jnp.asarray([tableau.b[i] for i in used], dtype)
+    weights = jnp.asarray(method.quadrature_weights, dtype)
 
-    def parameter_increment(record, counted):
-        """``-Σ_b h_b Σ_i b_i a_bi·∂f/∂θ(z_bi, t_bi)`` over the problems whose last step
+    def parameter_increment(record, counted, y_start, t_start):
+        """``-Σ_b h_b Σ_i w_i a_bi·∂f/∂θ(z_bi, t_bi)`` over the problems whose last step
         attempt was ``counted`` (accepted while running).
 
         The others are excluded by selection, not by a zero factor: a rejected attempt's
-        stage inputs may be non-finite (or where ``f`` is), and ``0·NaN`` is NaN. Their stages
-        are replaced by the attempt's first (its starting state, an accepted one) and their
-        cotangents by exact zeros.
+        nodes may be non-finite (or where ``f`` is), and ``0·NaN`` is NaN. Their nodes are
+        replaced by the attempt's start (an accepted state) and their cotangents by exact
+        zeros.
         """
         if theta.shape[0] == 0:
             return jnp.zeros_like(theta)
         keep = counted[:, None, None]
-        inputs = jnp.where(keep, record.inputs[:, used], record.inputs[:, :1])
-        times = jnp.where(keep[..., 0], record.times[:, used], record.times[:, :1])
+        inputs = jnp.where(keep, record.inputs, y_start[:, None, :])
+        times = jnp.where(keep[..., 0], record.times, t_start[:, None])
         z, a = inputs[..., :n], inputs[..., n : 2 * n]
-        f_one = lambda z, t, th: field(z, t, unravel(th), nondiff)  # noqa: E731
-        f_all = lambda th: jax.vmap(jax.vmap(lambda z, t: f_one(z, t, th)))(z, times)  # noqa: E731
+        f_one = lambda z, t, th: field(z, t, unravel(th), nondiff)
+        f_all = lambda th: jax.vmap(jax.vmap(lambda z, t: f_one(z, t, th)))(z, times)
         _, vjp = jax.vjp(f_all, theta)
         cotangent = jnp.where(keep, -(record.h[:, None] * weights[None, :])[..., None] * a, 0)
         return vjp(cotangent.astype(dtype))[0]
 
     def step_one(state, ys_b, ct_b, dt0_b):
-        """One step attempt of a problem still running (else its state is kept), and whether
-        it is counted in the parameter adjoint: running and accepted."""
+        """One step attempt of a problem still running (else its state is kept), whether it is
+        counted in the parameter adjoint (running and accepted), and where it started."""
         loop = loop_for(ys_b, ct_b, dt0_b)
         active = loop.running(state)
         new, record = loop.step(state)
         counted = active & (new.num_accepted > state.num_accepted)
         new = jax.tree_util.tree_map(lambda x, y: jnp.where(active, x, y), new, state)
-        return new, record, counted
+        return new, record, counted, state.y, loop.direction * state.t
 
     def running_all(carry):
         states, _ = carry
@@ -260,8 +170,8 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
 
     def body(carry):
         states, acc = carry
-        states, record, counted = jax.vmap(step_one)(states, ys, ct_ys, dt0s)
-        return states, acc + parameter_increment(record, counted)
+        states, record, counted, y_start, t_start = jax.vmap(step_one)(states, ys, ct_ys, dt0s)
+        return states, acc + parameter_increment(record, counted, y_start, t_start)
 
     init = jax.vmap(lambda *a: loop_for(*a).init())(ys, ct_ys, dt0s)
     states, ct_theta = jax.lax.while_loop(running_all, body, (init, jnp.zeros_like(theta)))
@@ -271,57 +181,75 @@ def backward_batched(field, ys, ts, diff, nondiff, ct_ys, rtol, atol, dt0s, cfg:
     ct_t = jnp.sum(ct_ys[:, 1:] * f_out(ys[:, 1:], ts[1:]), axis=2)
     ct_t0 = y[:, -1] - jnp.sum(ct_t, axis=1)
     ct_ts = jnp.concatenate([jnp.sum(ct_t0)[None], jnp.sum(ct_t, axis=0)]).astype(ts.dtype)
-    info = jax.vmap(info_of)(states)
+    info = jax.vmap(lambda s: _backward_info(s, ts))(states)
     return y[:, n : 2 * n], ct_ts, unravel(ct_theta), info
 
 
-def solve(field: FlatField, y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol, cfg: Config):
-    """``(ys, info)`` whose reverse-mode derivative is given by the backward adjoint solve."""
+def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_tols, cfg: Config) -> Solution:
+    """The forward ``Solution``, whose reverse-mode derivative is given by the backward
+    adjoint solve. ``adjoint_tols``: ``(rtol, atol)`` of the backward solve.
 
+    With ``cfg.dense`` the dense steps are returned but not differentiated: a cotangent
+    reaching them fails the gradient (``errors.DENSE_NOT_DIFFERENTIABLE``).
+    """
     if cfg.batched:
-        fwd_solve = lambda *a, **o: forward_batched(field, *a, cfg, **o)  # noqa: E731
+        fwd_solve = lambda *a, **o: forward_batched(field, *a, cfg, **o)
         bwd_solve = _not_differentiable(lambda *a: backward_batched(field, *a, cfg))
     else:  # the rules themselves differentiable: second derivatives
-        fwd_solve = lambda *a, **o: _differentiated_by_backprop(forward, field, cfg, **o)(*a)  # noqa: E731
-        bwd_solve = lambda *a: _differentiated_by_backprop(backward, field, cfg)(*a)  # noqa: E731
+        fwd_solve = lambda *a, **o: _differentiated_by_backprop(forward, field, cfg, **o)(*a)
+        bwd_solve = lambda *a: _differentiated_by_backprop(backward, field, cfg)(*a)
 
     @jax.custom_vjp
-    def _solve(y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol):
-        return fwd_solve(y0, ts, diff, nondiff, rtol, atol, dt0)
+    def _solve(y0, ts, diff, nondiff, controls, adjoint_tols):
+        sol = fwd_solve(y0, ts, diff, nondiff, controls)
+        return sol.ys, sol.info, sol.dense
 
-    def _fwd(y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol):
-        ys, info, last_step = fwd_solve(y0, ts, diff, nondiff, rtol, atol, dt0, last_step=True)
-        if cfg.tableau.adaptive:  # the backward solve starts with the forward's last step size
-            dt0 = last_step
-        residuals = (ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol, info.status)
-        return (ys, info), residuals
+    def _fwd(y0, ts, diff, nondiff, controls, adjoint_tols):
+        sol = fwd_solve(y0, ts, diff, nondiff, controls)
+        # the backward solve starts with the forward's last step size
+        dt0 = sol.last_step if cfg.method.adaptive else controls.dt0
+        bwd_controls = controls._replace(rtol=adjoint_tols[0], atol=adjoint_tols[1], dt0=dt0)
+        residuals = (sol.ys, ts, diff, nondiff, controls, adjoint_tols, bwd_controls, sol.info.status)
+        return (sol.ys, sol.info, sol.dense), residuals
 
     def _bwd(residuals, cotangents):
-        ys, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol, fwd_status = residuals
-        ct_ys, _ = cotangents
-        ct_y0, ct_ts, ct_diff, info = bwd_solve(ys, ts, diff, nondiff, ct_ys, adjoint_rtol, adjoint_atol, dt0)
+        ys, ts, diff, nondiff, controls, adjoint_tols, bwd_controls, fwd_status = residuals
+        ct_ys, _, ct_dense = cotangents
+        ct_y0, ct_ts, ct_diff, info = bwd_solve(ys, ts, diff, nondiff, ct_ys, bwd_controls)
         # a failed forward solve (NaN outputs) fails the backward one: report the forward's cause
         fwd_status = jnp.max(fwd_status)
         status = jnp.where(fwd_status != errors.SUCCESS, fwd_status, jnp.max(info.status))
+        if ct_dense is not None:
+            used = jnp.any(jnp.stack([jnp.any(c != 0) for c in jax.tree_util.tree_leaves(ct_dense)]))
+            status = jnp.where(used, errors.DENSE_NOT_DIFFERENTIABLE, status)
         failed = status != errors.SUCCESS
         if cfg.throw:  # attached to every cotangent: any one that is used carries the check
             ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), status)
         else:
-            nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x)  # noqa: E731
+            nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x)
             ct_ts, ct_diff = jax.tree_util.tree_map(nan_if_failed, (ct_ts, ct_diff))
             # batched: only the failed problems' rows (status (B,), ct_y0 (B, n)), as under vmap
-            ct_y0 = jnp.where((info.status != errors.SUCCESS)[..., None], jnp.nan, ct_y0)
-        unused = (nondiff, rtol, atol, adjoint_rtol, adjoint_atol)
-        nondiff, rtol, atol, adjoint_rtol, adjoint_atol = jax.tree_util.tree_map(zero_cotangent, unused)
-        # dt0: None, a zero cotangent of the primal's shape (its residual, the last steps, is (B,) if batched)
-        return (ct_y0, ct_ts, ct_diff, nondiff, rtol, atol, None, adjoint_rtol, adjoint_atol)
+            problem_failed = (info.status != errors.SUCCESS) | (status == errors.DENSE_NOT_DIFFERENTIABLE)
+            ct_y0 = jnp.where(problem_failed[..., None], jnp.nan, ct_y0)
+        zeros = jax.tree_util.tree_map(zero_cotangent, (nondiff, controls, adjoint_tols))
+        return (ct_y0, ct_ts, ct_diff) + zeros
 
     _solve.defvjp(_fwd, _bwd)
-    args = (y0, ts, diff, nondiff, rtol, atol, dt0, adjoint_rtol, adjoint_atol)
-    if cfg.batched:
-        return _solve(*args)
-    many = lambda *args: solve(field, *args, cfg._replace(batched=True))  # noqa: E731
-    return _shared_parameters_under_vmap(_solve, many, args)
+    args = (y0, ts, diff, nondiff, controls, adjoint_tols)
+    if cfg.batched or cfg.dense:  # (the shared rule below gives the dense steps no tangents)
+        return _as_solution(_solve(*args))
+    many = lambda *args: _solve_batched(field, cfg, *args)
+    return _as_solution(_shared_parameters_under_vmap(_solve, many, args))
+
+
+def _as_solution(out) -> Solution:
+    ys, info, dense = out
+    return Solution(ys, info, dense, None)
+
+
+def _solve_batched(field, cfg: Config, *args):
+    sol = solve(field, *args, cfg._replace(batched=True))
+    return sol.ys, sol.info, sol.dense
 
 
 def batch_traced(values) -> bool:
@@ -335,7 +263,7 @@ def batch_traced(values) -> bool:
 def _float_tangents(tangents):
     """The tangents without the ``float0`` ones (integer inputs), which are rebuilt by
     ``_all_tangents`` (``custom_vmap`` passes no ``float0`` arrays)."""
-    is_float0 = lambda t: getattr(t, "dtype", None) == jax.dtypes.float0  # noqa: E731
+    is_float0 = lambda t: getattr(t, "dtype", None) == jax.dtypes.float0
     return jax.tree_util.tree_map(lambda t: None if is_float0(t) else t, tangents)
 
 
@@ -386,8 +314,8 @@ def _shared_parameters_under_vmap(one: Callable, many: Callable, args: tuple):
     def _jvp(primals, tangents):
         if batch_traced(tangents):
             _check_no_batched_closure(one, primals)
-            (ys, info), ys_dot = vmapped_jvp(primals, _float_tangents(tangents))
-            return (ys, info), (ys_dot, jax.tree_util.tree_map(zero_cotangent, info))
+            (ys, info, dense), ys_dot = vmapped_jvp(primals, _float_tangents(tangents))
+            return (ys, info, dense), (ys_dot,) + jax.tree_util.tree_map(zero_cotangent, (info, dense))
         return jax.jvp(one, primals, tangents)
 
     return run(*args)
@@ -419,13 +347,13 @@ def _batched_jvp(one, many, axis_size, in_batched, primals, tangents, folded=Fal
     leaves = jax.tree_util.tree_leaves
     arg_batched = [any(leaves(pb)) or any(leaves(tb)) for pb, tb in zip(p_batched, t_batched)]
     # an argument batched anywhere (primal or tangent, any leaf) is batched everywhere
-    widen = lambda x, flags, b: _broadcast(x, flags, axis_size) if b else x  # noqa: E731
+    widen = lambda x, flags, b: _broadcast(x, flags, axis_size) if b else x
     primals = tuple(map(widen, primals, p_batched, arg_batched))
     tangents = tuple(map(widen, tangents, t_batched, arg_batched))
     if arg_batched[0] and not any(arg_batched[1:]):
         if folded:
-            merge = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
-            split = lambda x: x.reshape((axis_size, -1) + x.shape[1:])  # noqa: E731
+            merge = lambda x: x.reshape((-1,) + x.shape[2:])
+            split = lambda x: x.reshape((axis_size, -1) + x.shape[1:])
             y0s = merge(primals[0])
             y0s_dot = None if tangents[0] is None else merge(tangents[0])
             out = _shared_jvp(one, many, (y0s,) + primals[1:], (y0s_dot,) + tangents[1:])
@@ -494,7 +422,7 @@ def _differentiated_by_backprop(solve: Callable, field: FlatField, cfg: Config, 
 
     @run.defjvp
     def _jvp(primals, tangents):
-        by_backprop = lambda *a: solve(field, *a, cfg, gradient="backprop", **options)  # noqa: E731
+        by_backprop = lambda *a: solve(field, *a, cfg, driver="backprop", **options)
         return jax.jvp(by_backprop, primals, tangents)
 
     return run

@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from .backprop import max_in_batch
+from .while_loops import max_in_batch
 
 SUCCESS = 0
 MAX_STEPS_REACHED = 1
 STEP_SIZE_UNDERFLOW = 2
 NONFINITE = 3
 INVALID_TOLERANCE = 4
+DENSE_NOT_DIFFERENTIABLE = 5
 
 STATUS_MESSAGES = (
     "",
@@ -33,12 +34,12 @@ STATUS_MESSAGES = (
     "the problem may be stiff or singular, or rtol/atol too tight for the dtype",
     "jaxode: the solution became non-finite (NaN or inf): an adaptive solver's shrinking steps did "
     "not avoid it; with a fixed-step solver, try a smaller dt0",
-    "jaxode: invalid traced rtol, atol or dt0 (NaN, inf or negative, both tolerances 0, or "
-    "dt0 <= 0): rtol and atol must be finite and >= 0, not both 0, dt0 finite and > 0; no step "
-    "was taken",
+    "jaxode: invalid traced rtol, atol, dt0 or max_dt (NaN, inf or negative, both tolerances 0, "
+    "or dt0 or max_dt <= 0): rtol and atol must be finite and >= 0, not both 0, dt0 and max_dt "
+    "finite and > 0; no step was taken",
+    "jaxode: the dense solution of gradient=\"adjoint\" is not differentiated (the adjoint method "
+    "gives the gradients of ys only): use gradient=\"backprop\" or \"checkpoint\" to differentiate it",
 )
-
-GRADIENT_MODES = ("adjoint", "backprop", "checkpoint")
 
 
 class SolveError(RuntimeError):
@@ -209,12 +210,10 @@ def check_output(f, z0, t, params) -> None:
 
 
 def check_options(
-    tableau, rtol, atol, dt0, max_steps, gradient, adjoint_rtol=None, adjoint_atol=None
+    method, rtol, atol, dt0, max_steps, adjoint_rtol=None, adjoint_atol=None, max_dt=None
 ) -> None:
-    """Checks the solve options, by value where they are concrete (traced tolerances and
-    ``dt0`` are checked when the program runs: status ``INVALID_TOLERANCE``)."""
-    if gradient not in GRADIENT_MODES:
-        raise ValueError(f"unknown gradient mode {gradient!r}: use one of {GRADIENT_MODES}")
+    """Checks the solve options, by value where they are concrete (traced tolerances, ``dt0``
+    and ``max_dt`` are checked when the program runs: status ``INVALID_TOLERANCE``)."""
     if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
     for name, v in (("rtol", rtol), ("atol", atol)):
@@ -222,7 +221,7 @@ def check_options(
             raise ValueError(f"{name} must be >= 0, got {v}")
         if is_concrete(v) and not np.all(np.isfinite(np.asarray(v))):
             raise ValueError(f"{name} must be finite, got {v}")
-    if tableau.adaptive and is_concrete(rtol) and is_concrete(atol):
+    if method.adaptive and is_concrete(rtol) and is_concrete(atol):
         if np.any((np.asarray(rtol) == 0) & (np.asarray(atol) == 0)):
             raise ValueError("rtol and atol cannot both be 0: no step would meet the tolerance")
     for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
@@ -231,12 +230,32 @@ def check_options(
         if v is not None and is_concrete(v) and not np.all(np.isfinite(np.asarray(v))):
             raise ValueError(f"{name} must be finite, got {v}")
     if dt0 is None:
-        if not tableau.adaptive:
+        if not method.adaptive:
             raise ValueError(
-                f"solver {tableau.name!r} has a fixed step: pass dt0 (the step size)"
+                f"solver {method.name!r} has a fixed step: pass dt0 (the step size)"
             )
     elif is_concrete(dt0) and not np.all(np.asarray(dt0) > 0):
         raise ValueError(f"dt0 must be > 0 (a magnitude; the direction comes from ts), got {dt0}")
+    if max_dt is not None and is_concrete(max_dt):
+        if np.ndim(max_dt) != 0 or not np.isreal(max_dt) or not np.all(np.asarray(max_dt) > 0):
+            raise ValueError(f"max_dt must be a real scalar > 0 (a magnitude), got {max_dt}")
+        if np.isnan(max_dt):
+            raise ValueError(f"max_dt must be a real scalar > 0 (a magnitude), got {max_dt}")
+
+
+def check_jump_ts(jump_ts):
+    """``jump_ts`` checked (1-D, real; finite where concrete): a tuple of floats if concrete
+    (hashable, as a static option may need to be), else the traced array, flattened."""
+    jump_ts = jnp.asarray(jump_ts) if not isinstance(jump_ts, jax.core.Tracer) else jump_ts
+    if jump_ts.ndim > 1:
+        raise ValueError(f"jump_ts must be a 1-D array of times, got shape {jump_ts.shape}")
+    if not jnp.issubdtype(jump_ts.dtype, jnp.integer) and not jnp.issubdtype(jump_ts.dtype, jnp.floating):
+        raise TypeError(f"jump_ts must hold real times, got dtype {jump_ts.dtype}")
+    if is_concrete(jump_ts) and not np.all(np.isfinite(np.asarray(jump_ts))):
+        raise ValueError(f"jump_ts must be finite, got {jump_ts}")
+    if is_concrete(jump_ts):
+        return tuple(float(x) for x in np.asarray(jump_ts).reshape(-1))
+    return jump_ts.reshape(-1)
 
 
 def solve_error_message(error: BaseException) -> str | None:

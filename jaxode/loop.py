@@ -1,38 +1,44 @@
-"""The time-stepping loop: steps, writes the outputs that fall in each step, counts, fails.
+"""The time-stepping loop over a ``Method``: where to step, which steps to accept, where the
+outputs fall, when the solve has failed.
 
-One loop serves every solve:
+``Loop`` offers the pieces that the drivers (``jaxode.drivers``) run: ``init()`` builds the
+first ``LoopState``; ``attempt(state, target)`` makes one step attempt towards ``target`` and
+accepts or rejects it; ``step(state)`` is one attempt plus the outputs it reaches;
+``running(state)`` says whether the solve goes on; ``finish(state)`` sets its final status.
 
-* the forward solve of an adaptive method (``dense`` outputs): the step size is set by the
-  error controller alone and every output time inside an accepted step is interpolated, so
-  many output times cost little beyond the steps;
-* a fixed-step method, and the adjoint's backward solve (``stop`` at outputs): each step
-  is clipped to land on the next output time; there the output is recorded and an optional
-  ``jump(i, y)`` replaces the state (the adjoint adds ``∂L/∂ys[i]`` and re-anchors ``z``).
-  A fixed-step grid restarts at each output time; an adaptive one keeps its step size.
+Outputs are written in one of three ways (the writers at the end of this module):
 
-A solve backwards in time (decreasing ``ts``) runs forwards in ``s = -t`` with the field
-``-f(y, -s)``. The loop stops at the last output, or on a failure (status codes in
-``errors``): more than ``max_steps`` steps, a step size that underflows (``t + h == t``
-at the current time), a non-finite state (the loop does not start from a non-finite ``y0``
-or ``f(y0, t0)``), an invalid traced tolerance or ``dt0`` (none is started either).
-Outputs not reached stay NaN.
+* **stop at outputs** (a fixed-step method, and the adjoint's backward solve, which passes
+  ``at_output``): each step is clipped to land on the next output time; there the output is
+  recorded and ``at_output(i, y)`` may replace the state (the adjoint adds ``∂L/∂ys[i]`` and
+  re-anchors ``z``). A fixed-step grid restarts at each output time; an adaptive one keeps its
+  step size;
+* **interpolate** (an adaptive forward solve): the step size is the controller's alone and
+  every output time inside an accepted step is read off the method's dense output, one by one
+  in a small while loop (``_write_while``), or
+* by masking all of them at once (``_write_masked``), which can be transposed (the
+  reverse-differentiable drivers).
 
-Time dtype (``time_dtype``): time is carried in the floating dtype of ``ts``, at least
-float32 (float16 and bfloat16 ``ts`` are promoted), whatever the state's dtype: a float32
-state may run on float64 times, and a float16 state runs on float32 times. ``field``
-receives ``t`` in that dtype. Step sizes live in the time dtype and are cast to the state
-dtype only where they multiply state increments; each step is the one the time really
-advanced by, ``h = (t + h_try) - t`` as rounded, so that ``y`` and ``t`` never drift apart
-at large ``|t|``. Error norms and tolerances are in the state dtype, at least float32
-(``step.error_dtype``).
+``save_dense`` also keeps every accepted step's interpolant (``DenseSteps``, at most
+``max_steps`` of them) for ``odesolve(dense=True)``.
 
-The step attempt is shared by three drivers: ``Loop.solve``, nested ``lax.while_loop``s (over
-the output times, and over the steps up to the next one), for a small system that is not
-reverse-differentiated; a flat ``lax.while_loop`` over ``Loop.step`` for a large one, and under
-``jax.vmap`` (each problem then steps on without waiting for the others at each output time);
-and ``backprop.checkpointed_while`` (nested, checkpointed scans) over ``Loop.step`` for
-``gradient="backprop"``, where outputs are written by masking so that the whole body can be
-transposed, and step sizes are held constant under differentiation.
+Time: a solve backwards in time (decreasing ``ts``) runs forwards in ``s = -t`` with the field
+``-f(y, -s)``. Time is carried in the floating dtype of ``ts``, at least float32
+(``time_dtype``), whatever the state's dtype; ``field`` receives ``t`` in that dtype. Step sizes
+live in the time dtype and are cast to the state dtype only where they multiply state
+increments; each step is the one the time really advanced by, ``h = (t + h_try) - t`` as
+rounded, so that ``y`` and ``t`` never drift apart at large ``|t|``. Error norms and tolerances
+are in the state dtype, at least float32 (``control.error_dtype``).
+
+Steps: at most ``max_dt`` long; a step that would cross a time of ``jump_ts`` (a known
+discontinuity of ``f``) is shortened to end on it, its stages evaluated no later than the last
+representable time before it, and the solve restarts there with a fresh ``f`` evaluated just
+after it (no first-same-as-last reuse across the jump).
+
+Failures (status codes in ``errors``), read off the state: more than ``max_steps`` step
+attempts; a step size that underflows (``t + h == t`` at the current time); a non-finite state
+(the loop does not start from a non-finite ``y0`` or ``f(y0, t0)``); an invalid traced
+tolerance, ``dt0`` or ``max_dt`` (no step is taken). Outputs not reached stay NaN.
 """
 
 from __future__ import annotations
@@ -44,15 +50,36 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from . import errors
-from .backprop import checkpointed_while, custom_vjp_while, hoist
-from .interpolation import dense_coefficients, evaluate
-from .step import error_dtype, error_ratio, initial_step, rk_step, stage_times, step_factor
-from .tableaus import ButcherTableau
+from . import errors, progress_bar
+from .control import error_dtype, initial_step, step_factor
+from .methods import Method
 
-# XLA's CPU runtime runs a loop body inline when every buffer it touches is at most this big
-# (ThunkExecutor's execute_sequential_buffer_threshold), else through its dataflow executor.
-_INLINE_BYTES = 512
+
+class Info(NamedTuple):
+    """Statistics of a solve (JAX arrays; batched under ``vmap``).
+
+    Attributes:
+        num_steps: step attempts, ``num_accepted + num_rejected``.
+        num_accepted: accepted steps.
+        num_rejected: rejected steps.
+        nfe: evaluations of the vector field, including the first-step selection (for the
+            adjoint's backward solve: evaluations of the augmented field, one ``jax.vjp`` of
+            ``f`` each).
+        status: 0 on success; 1 max_steps reached; 2 step size underflow; 3 non-finite state
+            (also a non-finite ``z0`` or ``f(z0, t0)``); 4 invalid traced ``rtol``, ``atol``,
+            ``dt0`` or ``max_dt`` (no step taken).
+        num_jacobians: Jacobians of the field evaluated (0 for explicit methods).
+        final_time: how far the solve got: ``ts[-1]`` on success, else the time of the last
+            accepted step (in the dtype of ``ts``, at least float32; not differentiated).
+    """
+
+    num_steps: Array
+    num_accepted: Array
+    num_rejected: Array
+    nfe: Array
+    status: Array
+    num_jacobians: Array
+    final_time: Array
 
 
 def time_dtype(ts_dtype) -> jnp.dtype:
@@ -61,11 +88,21 @@ def time_dtype(ts_dtype) -> jnp.dtype:
 
 
 class StepRecord(NamedTuple):
-    """What one step attempt evaluated, for quadratures along the solution (real time)."""
+    """Where one step attempt evaluated the field, for quadratures along the solution."""
 
-    inputs: Array  # (s, n): the states at which the stages were evaluated
-    times: Array  # (s,): their times
+    inputs: Array  # (m, n): the method's nodes (StepResult.nodes)
+    times: Array  # (m,): their times (real time)
     h: Array  # the step, signed in real time; 0 if the attempt was rejected
+
+
+class DenseSteps(NamedTuple):
+    """Every accepted step's interpolant (in the forward-running time ``s``); slot ``k`` holds
+    the ``k``-th accepted step, slots past ``num_accepted`` keep ``t = inf``."""
+
+    t: Array  # (max_steps,) start times
+    h: Array  # (max_steps,)
+    y: Array  # (max_steps, n) start states
+    coefficients: Array  # (max_steps, d, n)
 
 
 class LoopState(NamedTuple):
@@ -76,13 +113,16 @@ class LoopState(NamedTuple):
     f: Array  # field at (y, t), (n,)
     h: Array  # next step to try (> 0)
     ratio_prev: Array  # error ratio of the last accepted step (PI controller)
+    method_state: Any  # the method's carry at the last accepted step
     ys: Array | None  # outputs, (T, n); NaN where not reached
+    dense: DenseSteps | None  # with save_dense
     i_out: Array  # index of the next output time
     num_accepted: Array
     num_rejected: Array
-    nfe: Array  # field evaluations besides the step attempts' (all of them after ``Loop.finish``)
+    nfe: Array
+    num_jacobians: Array
     finite: Array  # whether the last step attempt (its state and error) was finite
-    status: Array  # a failure found by ``init`` (the loop does not run), else set by ``Loop.finish``
+    status: Array  # a failure found by ``init`` (the loop does not run), else set by ``finish``
 
 
 class Attempt(NamedTuple):
@@ -95,132 +135,26 @@ class Attempt(NamedTuple):
     h: Array  # the step used, ``t_new - t``
     t_new: Array
     y_new: Array
-    stages: Array  # (s, n): the stage derivatives k_i
+    f_new: Array  # the step's own field at its end (before a jump's restart)
+    dense: Any  # the method's StepResult.dense
     record: StepRecord
 
 
-class _LastStep(NamedTuple):
-    """The last accepted step, to interpolate the outputs inside it (``Loop.solve``)."""
-
-    t: Array
-    h: Array
-    t_new: Array
-    y: Array
-    y_new: Array
-    dense: Array  # its interpolant's coefficients (d, n); its stages (s, n) if it needs extra ones
-
-
-class Loop(NamedTuple):
-    """A solve's loop (see ``make_loop``)."""
-
-    init: Callable[[], LoopState]
-    step: Callable[[LoopState], tuple[LoopState, StepRecord]]
-    running: Callable[[LoopState], Array]
-    finish: Callable[[LoopState], LoopState]
-    solve: Callable[[], LoopState]
+def info_of(state: LoopState, direction) -> Info:
+    """The ``Info`` of a finished loop (``direction``: of real time, ``±1``)."""
+    return Info(
+        num_steps=state.num_accepted + state.num_rejected,
+        num_accepted=state.num_accepted,
+        num_rejected=state.num_rejected,
+        nfe=state.nfe,
+        status=state.status,
+        num_jacobians=state.num_jacobians,
+        final_time=lax.stop_gradient(direction * state.t),
+    )
 
 
-def integrate(field, y0, ts, rtol, atol, dt0, *, tableau, max_steps, gradient=None, **options):
-    """Solves ``y' = field(y, t)``, ``y(ts[0]) = y0`` and returns the final ``LoopState``.
-
-    The arguments are those of ``make_loop``; ``gradient`` picks a reverse-differentiable
-    driver: ``"backprop"``, ``backprop.checkpointed_while``; ``"checkpoint"``,
-    ``backprop.custom_vjp_while``. Otherwise a system whose stages fit in
-    ``_INLINE_BYTES`` runs ``Loop.solve`` (nested loops; the flat loop under ``jax.vmap``), and
-    a larger one the flat ``lax.while_loop`` over ``Loop.step`` (there the step's own cost
-    dominates and the nested loops gain nothing).
-    """
-    args = (field, y0, ts, rtol, atol, dt0)
-    options = dict(options, tableau=tableau, max_steps=max_steps)
-    loop = make_loop(*args, differentiable=gradient is not None, **options)
-    body = lambda state: loop.step(state)[0]  # noqa: E731
-    if gradient == "backprop":
-        stages = tableau.num_stages
-        state = checkpointed_while(loop.running, body, loop.init(), max_steps, residual_ratio=stages)
-        return loop.finish(state)
-    if gradient == "checkpoint":
-        fast = make_loop(*args, **options)
-
-        def outputs_apart(step):
-            def body(carry, ys):
-                new = step(carry._replace(ys=ys))[0]
-                return new._replace(ys=None), new.ys
-
-            return body
-
-        state = loop.init()
-        carry, ys = custom_vjp_while(
-            loop.running, outputs_apart(loop.step), state._replace(ys=None), state.ys, max_steps,
-            fast_body=outputs_apart(fast.step),
-        )
-        return loop.finish(carry._replace(ys=ys))
-    flat = lambda: loop.finish(lax.while_loop(loop.running, body, loop.init()))  # noqa: E731
-    if _is_large(tableau, y0):
-        return flat()
-    return _vmapped_as(loop.solve, flat)
-
-
-def _is_large(tableau: ButcherTableau, y0) -> bool:
-    """Whether a step's stages exceed ``_INLINE_BYTES``: then its cost is the field's, and the
-    flat driver runs it."""
-    return tableau.num_stages * y0.size * y0.dtype.itemsize > _INLINE_BYTES
-
-
-def _vmapped_as(fn: Callable[[], Any], vmappable: Callable[[], Any]):
-    """``fn()``, whose ``jax.vmap`` is computed as ``jax.vmap`` of ``vmappable()`` instead.
-
-    ``fn`` and ``vmappable`` compute the same thing (here: ``Loop.solve`` and the flat loop).
-    The nested loops of ``solve`` are the faster for one problem, but under ``jax.vmap`` every
-    problem would wait for the others at each output time; the flat loop lets each problem
-    step on by itself. Everything the two functions close over is passed in explicitly, as
-    ``custom_vmap`` requires to see what is batched.
-    """
-    run_fn, fn_consts = hoist(fn)
-    run_flat, flat_consts = hoist(vmappable)
-
-    @jax.custom_batching.custom_vmap
-    def run(fn_consts, flat_consts):
-        return run_fn(fn_consts)
-
-    @run.def_vmap
-    def _rule(axis_size, in_batched, fn_consts, flat_consts):
-        in_axes = [0 if batched else None for batched in in_batched[1]]
-        out = jax.vmap(run_flat, in_axes=(in_axes,), axis_size=axis_size)(flat_consts)
-        return out, jax.tree_util.tree_map(lambda _: True, out)
-
-    return run(fn_consts, flat_consts)
-
-
-def make_loop(
-    field: Callable[[Array, Array], Array],
-    y0: Array,
-    ts: Array,
-    rtol,
-    atol,
-    dt0,
-    *,
-    tableau: ButcherTableau,
-    max_steps: int,
-    jump: Callable[[Array, Array], Array] | None = None,
-    save_outputs: bool = True,
-    segments: tuple | None = None,
-    differentiable: bool = False,
-) -> Loop:
-    """The loop for ``y' = field(y, t)``, ``y(ts[0]) = y0``.
-
-    Returns a ``Loop``: ``init()`` builds the first state (evaluating ``field`` once or twice);
-    ``step(state) -> (state, StepRecord)`` makes one step attempt and writes the outputs it
-    reaches; ``running(state)`` says whether the loop goes on (failures are read off the
-    state, not tracked step by step); ``finish(state)`` sets the final ``status`` and
-    ``nfe``; ``solve()`` runs the whole solve as two nested ``lax.while_loop``s, an outer one
-    over the output times (writing all outputs inside the step that reached the next one)
-    and an inner one stepping up to the next of them. The inner loop carries only the state
-    of size ``n`` (no outputs, no ``ts``): XLA's CPU runtime runs a loop body inline when its
-    buffers are all small (<= 512 bytes) or it has at most 8 operations, which for small
-    systems makes a step several times cheaper.
-    ``integrate`` drives ``solve`` for such small systems, and ``step`` otherwise, under
-    ``lax.while_loop`` or ``backprop.checkpointed_while``; the adjoint's batched backward
-    solve drives ``step`` itself.
+class Loop:
+    """The loop for ``y' = field(y, t)``, ``y(ts[0]) = y0`` (see the module docstring).
 
     Args:
         field: the vector field on flat states, ``(n,), scalar -> (n,)``.
@@ -229,236 +163,274 @@ def make_loop(
         rtol, atol: tolerances of the error control (ignored by fixed-step methods).
         dt0: the first step size (a magnitude), or ``None`` to choose it automatically;
             the step size of a fixed-step method.
-        tableau: the Runge–Kutta method.
+        method: the ``Method`` that takes the steps.
         max_steps: the most step attempts (accepted + rejected) of the whole solve.
-        jump: ``jump(i, y) -> y`` applied on landing at ``ts[i]`` (``i >= 1``); implies
-            stopping at every output time.
+        at_output: ``at_output(i, y) -> y`` applied on landing at ``ts[i]`` (``i >= 1``);
+            implies stopping at every output time.
         save_outputs: whether to keep the ``(T, n)`` outputs in ``LoopState.ys``.
         segments: ``[(start, stop), ...]`` parts of ``y`` whose RMS errors are combined by
             max (default: all of ``y``).
         differentiable: write outputs by masking and hold step sizes constant under
-            differentiation (for the reverse-differentiable driver).
+            differentiation (for the reverse-differentiable drivers).
+        max_dt: the longest step (a magnitude), or ``None``.
+        jump_ts: times at which ``f`` is discontinuous, ``(J,)``, or ``None``.
+        save_dense: keep every accepted step's interpolant (``LoopState.dense``).
+        progress: show a progress bar of the solve's time.
     """
-    n = y0.shape[0]
-    segments = ((0, n),) if segments is None else segments
-    stop_at_outputs = jump is not None or not tableau.adaptive
-    dtype, tdtype, edtype = y0.dtype, time_dtype(ts.dtype), error_dtype(y0.dtype)
-    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(tdtype)
-    s_ts = direction * ts.astype(tdtype)
-    num_out = ts.shape[0]
-    int_ = jnp.int32
-    eps = jnp.finfo(tdtype).eps
-    if tableau.adaptive:
-        rtol, atol = jnp.asarray(rtol, edtype), jnp.asarray(atol, edtype)
 
-    def g(y, s):
-        return direction.astype(dtype) * field(y, direction * s)
+    def __init__(
+        self,
+        field: Callable[[Array, Array], Array],
+        y0: Array,
+        ts: Array,
+        rtol,
+        atol,
+        dt0,
+        *,
+        method: Method,
+        max_steps: int,
+        at_output: Callable[[Array, Array], Array] | None = None,
+        save_outputs: bool = True,
+        segments: tuple | None = None,
+        differentiable: bool = False,
+        max_dt=None,
+        jump_ts=None,
+        save_dense: bool = False,
+        progress: bool = False,
+    ):
+        self.field, self.method, self.max_steps, self.y0 = field, method, max_steps, y0
+        self.at_output, self.save_outputs, self.save_dense = at_output, save_outputs, save_dense
+        self.differentiable, self.progress = differentiable, progress
+        self.n = y0.shape[0]
+        self.segments = ((0, self.n),) if segments is None else segments
+        self.stop_at_outputs = at_output is not None or not method.adaptive
+        self.dtype, tdtype = y0.dtype, time_dtype(ts.dtype)
+        self.tdtype, self.edtype = tdtype, error_dtype(y0.dtype)
+        self.direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(tdtype)
+        self.s_ts = self.direction * ts.astype(tdtype)
+        self.num_out = ts.shape[0]
+        self.eps = jnp.finfo(tdtype).eps
+        if method.adaptive:
+            rtol, atol = jnp.asarray(rtol, self.edtype), jnp.asarray(atol, self.edtype)
+        self.rtol, self.atol, self.dt0 = rtol, atol, dt0
+        self.max_dt = None if max_dt is None else jnp.asarray(max_dt, tdtype)
+        self.s_jumps = None if jump_ts is None else self.direction * jnp.asarray(jump_ts, tdtype).reshape(-1)
 
-    def init() -> LoopState:
-        f0 = g(y0, s_ts[0])
-        span = s_ts[-1] - s_ts[0]
-        if dt0 is None:
-            h0 = initial_step(g, s_ts[0], y0, f0, span, tableau.order, rtol, atol, segments)
+    def g(self, y, s):
+        """The field in the forward-running time ``s``."""
+        return self.direction.astype(self.dtype) * self.field(y, self.direction * s)
+
+    def init(self) -> LoopState:
+        """The first state (one or two evaluations of ``field``; none of the attempts')."""
+        s0, y0, method = self.s_ts[0], self.y0, self.method
+        f0 = self.g(y0, s0)
+        span = self.s_ts[-1] - s0
+        if self.max_dt is not None:
+            span = jnp.minimum(span, self.max_dt)
+        if self.dt0 is None:
+            segs = self.segments
+            h0 = initial_step(self.g, s0, y0, f0, span, method.order, self.rtol, self.atol, segs)
             nfe0 = 2
         else:
-            h0 = dt0
-            nfe0 = 1
-        h0 = jnp.asarray(h0).astype(tdtype)
-        if differentiable:
+            h0, nfe0 = self.dt0, 1
+        h0 = jnp.asarray(h0).astype(self.tdtype)
+        if self.differentiable:
             h0 = lax.stop_gradient(h0)
-        ys = jnp.full((num_out, n), jnp.nan, dtype).at[0].set(y0) if save_outputs else None
+        ys = None
+        if self.save_outputs:
+            ys = jnp.full((self.num_out, self.n), jnp.nan, self.dtype).at[0].set(y0)
         finite = jnp.all(jnp.isfinite(y0)) & jnp.all(jnp.isfinite(f0))
         status = jnp.where(
-            _valid_options(rtol, atol, dt0, tableau.adaptive),
+            self._valid_options(),
             jnp.where(finite, errors.SUCCESS, errors.NONFINITE),
             errors.INVALID_TOLERANCE,
         )
+        if self.progress:
+            progress_bar.open(self.direction * s0, self.direction * self.s_ts[-1])
+        int_ = jnp.int32
         return LoopState(
-            t=s_ts[0], y=y0, f=f0, h=h0, ratio_prev=jnp.ones((), edtype),
-            ys=ys, i_out=jnp.ones((), int_), num_accepted=jnp.zeros((), int_),
-            num_rejected=jnp.zeros((), int_), nfe=jnp.asarray(nfe0, int_),
-            finite=jnp.ones((), bool), status=status.astype(int_),
+            t=s0, y=y0, f=f0, h=h0, ratio_prev=jnp.ones((), self.edtype),
+            method_state=method.init(self.g, s0, y0, f0), ys=ys, dense=self._empty_dense(),
+            i_out=jnp.ones((), int_), num_accepted=jnp.zeros((), int_), num_rejected=jnp.zeros((), int_),
+            nfe=jnp.asarray(nfe0, int_), num_jacobians=jnp.zeros((), int_), finite=jnp.ones((), bool),
+            status=status.astype(int_),
         )
 
-    def attempt(state: LoopState, target) -> tuple[LoopState, Attempt]:
-        """One step attempt towards ``target`` (clipped to end on it). Leaves ``ys``,
-        ``i_out`` and ``status`` alone."""
+    def _valid_options(self) -> Array:
+        """Whether the (possibly traced) tolerances are finite, >= 0 and not both 0 (adaptive
+        methods only), and ``dt0`` and ``max_dt``, if given, finite and > 0."""
+        valid = jnp.ones((), bool)
+        if self.method.adaptive:
+            rtol, atol = self.rtol, self.atol
+            for tol in (rtol, atol):
+                valid = valid & jnp.all(jnp.isfinite(tol)) & jnp.all(tol >= 0)
+            valid = valid & ~jnp.any((rtol == 0) & (atol == 0))
+        for step in (self.dt0, self.max_dt):
+            if step is not None:
+                valid = valid & jnp.all(jnp.isfinite(step)) & jnp.all(jnp.asarray(step) > 0)
+        return valid
+
+    def _next_jump(self, t) -> Array:
+        """The first jump time after ``t`` (``inf`` if none)."""
+        later = self.s_jumps > t
+        return jnp.min(jnp.where(later, self.s_jumps, jnp.inf), initial=jnp.inf)
+
+    def attempt(self, state: LoopState, target) -> tuple[LoopState, Attempt]:
+        """One step attempt towards ``target`` (clipped to end on it, and on the next jump
+        time). Leaves ``ys``, ``dense``, ``i_out`` and ``status`` alone."""
+        method, int_ = self.method, jnp.int32
         t, y, h = state.t, state.y, state.h
+        if self.max_dt is not None:
+            h = jnp.minimum(h, self.max_dt)
+        on_jump = False
+        if self.s_jumps is not None:
+            jump = self._next_jump(t)
+            on_jump = jump < target
+            target = jnp.minimum(target, jump)
         t_try = t + h
-        landed = t_try >= target - 64 * eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
+        landed = t_try >= target - 64 * self.eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
         t_new = jnp.where(landed, target, t_try)
         h_used = t_new - t  # the step the time really advanced by
-        step = rk_step(tableau, g, t, y, h_used, state.f, t_new)
+        on_jump = landed & on_jump
+        t_end = t_new if self.s_jumps is None else jnp.where(on_jump, jnp.nextafter(t_new, -jnp.inf), t_new)
+        step = method.step(self.g, t, y, h_used, state.f, state.method_state, t_end)
         finite = jnp.all(jnp.isfinite(step.y_new))
-        if tableau.adaptive:
+        for error in jax.tree_util.tree_leaves(step.error):
+            finite = finite & jnp.all(jnp.isfinite(error))
+        if method.adaptive:
             # step control only, never differentiated: the norm's derivative at a zero error is inf
-            ratio = lax.stop_gradient(error_ratio(step, y, rtol, atol, segments))
-            for error in (step.error, step.error3):
-                finite = finite & (True if error is None else jnp.all(jnp.isfinite(error)))
+            ratio = lax.stop_gradient(method.error_ratio(step, y, self.rtol, self.atol, self.segments))
             ratio = jnp.where(finite, ratio, jnp.inf)
             accept = finite & (ratio <= 1)
+            factor = step_factor(ratio, state.ratio_prev, accept, method.error_order).astype(self.tdtype)
+            h_next = _next_step_size(state.h, h_used, factor, accept, landed & self.stop_at_outputs)
         else:
-            ratio = jnp.zeros((), edtype)
+            ratio = jnp.zeros((), self.edtype)
             accept = finite
-        f_new = step.f_new if tableau.fsal else g(step.y_new, t_new)
-        h_next = h
-        if tableau.adaptive:
-            factor = step_factor(ratio, state.ratio_prev, accept, tableau.error_order).astype(tdtype)
-            h_next = _next_step_size(h, h_used, factor, accept, landed & stop_at_outputs)
-        if differentiable:
+            h_next = state.h
+        if self.differentiable:
             h_next = lax.stop_gradient(h_next)
-        num_accepted = state.num_accepted + accept.astype(int_)
-        num_rejected = state.num_rejected + (~accept).astype(int_)
+        f_next, nfe = step.f_new, state.nfe + step.nfe
+        if self.s_jumps is not None:  # restart after a jump: f just after it
+            restart = accept & on_jump
+            after = lambda: self.g(step.y_new, jnp.nextafter(t_new, jnp.inf))
+            f_next = lax.cond(restart, after, lambda: step.f_new)
+            nfe = nfe + restart.astype(int_)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accept, a, b), new, old)
         new_state = state._replace(
             t=jnp.where(accept, t_new, t),
             y=jnp.where(accept, step.y_new, y),
-            f=jnp.where(accept, f_new, state.f),
+            f=jnp.where(accept, f_next, state.f),
             h=h_next,
             ratio_prev=jnp.where(accept, ratio, state.ratio_prev),
-            num_accepted=num_accepted,
-            num_rejected=num_rejected,
+            method_state=keep(step.state, state.method_state),
+            num_accepted=state.num_accepted + accept.astype(int_),
+            num_rejected=state.num_rejected + (~accept).astype(int_),
+            nfe=nfe,
+            num_jacobians=state.num_jacobians + step.num_jacobians,
             finite=finite,
         )
-        record = StepRecord(
-            inputs=jnp.stack(step.inputs),
-            times=direction * jnp.stack(stage_times(tableau, t, h_used, t_new)),
-            h=jnp.where(accept, direction * h_used, 0),
-        )
-        stages = jnp.stack(step.stages)
-        return new_state, Attempt(accept, landed, t, y, h_used, t_new, step.y_new, stages, record)
+        inputs, times = step.nodes
+        record = StepRecord(inputs, self.direction * times, jnp.where(accept, self.direction * h_used, 0))
+        if self.progress:
+            attempts = new_state.num_accepted + new_state.num_rejected
+            progress_bar.update(self.direction * new_state.t, attempts, self.max_steps)
+        at = Attempt(accept, landed, t, y, h_used, t_new, step.y_new, step.f_new, step.dense, record)
+        return new_state, at
 
-    def arrive(state: LoopState, i, arrived) -> LoopState:
-        """On arriving at output ``i``: the jump, and the field at the state it gives."""
-        y = jump(i, state.y)
-        again = arrived & (i < num_out - 1)  # not needed after the last output
-        f = lax.cond(again, lambda: g(y, state.t), lambda: state.f)
-        return state._replace(y=jnp.where(arrived, y, state.y), f=f, nfe=state.nfe + again.astype(int_))
+    def arrive(self, state: LoopState, i, arrived) -> LoopState:
+        """On arriving at output ``i``: ``at_output``, and the field at the state it gives."""
+        y = self.at_output(i, state.y)
+        again = arrived & (i < self.num_out - 1)  # not needed after the last output
+        f = lax.cond(again, lambda: self.g(y, state.t), lambda: state.f)
+        nfe = state.nfe + again.astype(jnp.int32)
+        return state._replace(y=jnp.where(arrived, y, state.y), f=f, nfe=nfe)
 
-    def coefficients(at: Attempt | _LastStep, stages, f_new):
-        return dense_coefficients(tableau, g, at.t, at.y, at.h, list(stages), at.y_new, f_new)
+    def coefficients(self, at: Attempt) -> Array:
+        """The interpolant of an attempt (``method.interpolant_nfe`` evaluations); ``at`` may be
+        any record with the fields ``t, y, h, dense, y_new, f_new``."""
+        return self.method.interpolant(self.g, at.t, at.y, at.h, at.dense, at.y_new, at.f_new)
 
-    def step(state: LoopState) -> tuple[LoopState, StepRecord]:
-        i = state.i_out
-        if stop_at_outputs:
-            new, at = attempt(state, s_ts[i])
+    def lazy_coefficients(self, state: LoopState, at: Attempt, needed) -> tuple[LoopState, Array]:
+        """The interpolant, computed only if ``needed`` when it costs evaluations (else zeros)."""
+        if not self.method.interpolant_nfe:
+            return state, self.coefficients(at)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(self.coefficients, at))
+        coeffs = lax.cond(needed, lambda: self.coefficients(at), lambda: zeros)
+        nfe = state.nfe + needed.astype(jnp.int32) * self.method.interpolant_nfe
+        return state._replace(nfe=nfe), coeffs
+
+    def step(self, state: LoopState) -> tuple[LoopState, StepRecord]:
+        """One step attempt, and the outputs (and dense steps) it reaches."""
+        i, int_ = state.i_out, jnp.int32
+        if self.stop_at_outputs:
+            new, at = self.attempt(state, self.s_ts[i])
             arrived = at.accept & at.landed
             ys = new.ys
             if ys is not None:
                 ys = ys.at[i].set(jnp.where(arrived, at.y_new, ys[i]))
-            if jump is not None:
-                new = arrive(new, i, arrived)
-            return new._replace(ys=ys, i_out=i + arrived.astype(int_)), at.record
-        new, at = attempt(state, s_ts[-1])
-        in_step = at.accept & (s_ts[jnp.minimum(i, num_out - 1)] <= at.t_new)
-        if tableau.extra_c:  # costly extra stages: only when an output needs them
-            degree = len(tableau.dense[0])
-            zeros = jnp.zeros((degree, n), dtype)
-            coeffs = lax.cond(in_step, lambda: coefficients(at, at.stages, new.f), lambda: zeros)
-            new = new._replace(nfe=new.nfe + in_step.astype(int_) * len(tableau.extra_c))
-        else:
-            coeffs = coefficients(at, at.stages, new.f)
-        write = _write_masked if differentiable else _write_while  # transposable, or cheaper
-        ys, i_out = write(new.ys, i, s_ts, at.accept, at, coeffs, tableau.dense_nested)
+            if self.at_output is not None:
+                new = self.arrive(new, i, arrived)
+            new = new._replace(ys=ys, i_out=i + arrived.astype(int_))
+            if self.save_dense:
+                new, coeffs = self.lazy_coefficients(new, at, at.accept)
+                new = new._replace(dense=self._write_dense(state, new, at, coeffs))
+            return new, at.record
+        new, at = self.attempt(state, self.s_ts[-1])
+        in_step = at.accept & (self.s_ts[jnp.minimum(i, self.num_out - 1)] <= at.t_new)
+        new, coeffs = self.lazy_coefficients(new, at, in_step | (at.accept if self.save_dense else False))
+        write = write_masked if self.differentiable else write_while  # transposable, or cheaper
+        ys, i_out = write(new.ys, i, self.s_ts, at.accept, at, coeffs, self.method)
+        if self.save_dense:
+            new = new._replace(dense=self._write_dense(state, new, at, coeffs))
         return new._replace(ys=ys, i_out=i_out), at.record
 
-    def failure(state: LoopState) -> Array:
+    def _empty_dense(self) -> DenseSteps | None:
+        if not self.save_dense:
+            return None
+        s0, y0, one, method = self.s_ts[0], self.y0, jnp.ones((), self.tdtype), self.method
+
+        def probe():
+            st = method.step(self.g, s0, y0, one, y0, method.init(self.g, s0, y0, y0), s0)
+            return method.interpolant(self.g, s0, y0, one, st.dense, st.y_new, st.f_new)
+
+        shape, m = jax.eval_shape(probe), self.max_steps
+        return DenseSteps(
+            t=jnp.full((m,), jnp.inf, self.tdtype), h=jnp.ones((m,), self.tdtype),
+            y=jnp.zeros((m, self.n), self.dtype), coefficients=jnp.zeros((m,) + shape.shape, shape.dtype),
+        )
+
+    def _write_dense(self, old: LoopState, new: LoopState, at: Attempt, coeffs) -> DenseSteps:
+        """Slot ``old.num_accepted`` gets the attempt's interpolant, if it was accepted."""
+        k = jnp.minimum(old.num_accepted, self.max_steps - 1)
+        put = lambda buf, value: buf.at[k].set(jnp.where(at.accept, value, buf[k]))
+        d = new.dense
+        return DenseSteps(put(d.t, at.t), put(d.h, at.h), put(d.y, at.y), put(d.coefficients, coeffs))
+
+    def failure(self, state: LoopState) -> Array:
         """Why the solve cannot go on (``errors`` codes), read off its state: a failure found by
         ``init``; a step too small to move ``t`` at the current time, ``t + h == t`` (or a NaN
         step; a non-finite field brings it about by shrinking the step); for a fixed-step
         method, a non-finite state at once; or ``max_steps`` spent."""
         stuck = ~(state.t + state.h > state.t)  # also for a NaN h
         code = jnp.where(stuck, jnp.where(state.finite, errors.STEP_SIZE_UNDERFLOW, errors.NONFINITE), 0)
-        if not tableau.adaptive:
+        if not self.method.adaptive:
             code = jnp.where(state.finite, code, errors.NONFINITE)
         code = jnp.where(state.status != errors.SUCCESS, state.status, code)
-        out_of_steps = state.num_accepted + state.num_rejected >= max_steps
-        return jnp.where((code == errors.SUCCESS) & out_of_steps, errors.MAX_STEPS_REACHED, code).astype(int_)
+        out_of_steps = state.num_accepted + state.num_rejected >= self.max_steps
+        code = jnp.where((code == errors.SUCCESS) & out_of_steps, errors.MAX_STEPS_REACHED, code)
+        return code.astype(jnp.int32)
 
-    def running(state: LoopState) -> Array:
-        return (state.i_out < num_out) & (failure(state) == errors.SUCCESS)
+    def running(self, state: LoopState) -> Array:
+        return (state.i_out < self.num_out) & (self.failure(state) == errors.SUCCESS)
 
-    def finish(state: LoopState) -> LoopState:
-        """The final state with its ``status``, and its ``nfe`` counting the step attempts'."""
-        failed = failure(state)
-        per_attempt = tableau.num_stages - (1 if tableau.fsal else 0)
-        return state._replace(
-            status=jnp.where(state.i_out < num_out, failed, errors.SUCCESS).astype(int_),
-            nfe=state.nfe + per_attempt * (state.num_accepted + state.num_rejected),
-        )
-
-    def step_until(state: LoopState, until, clip_to, last: _LastStep | None):
-        """The inner loop: steps (each clipped to end at ``clip_to`` at the latest) until
-        ``state.t`` reaches ``until`` or the solve fails; with ``last``, also returns the last
-        step (the accepted one that got there). Carries nothing of size ``T``."""
-
-        def body(carry):
-            new, at = attempt(carry[0], clip_to)
-            if last is None:
-                return (new,)
-            dense = at.stages if tableau.extra_c else coefficients(at, at.stages, new.f)
-            return new, _LastStep(at.t, at.h, at.t_new, at.y, at.y_new, dense)
-
-        more = lambda carry: (carry[0].t < until) & (failure(carry[0]) == errors.SUCCESS)  # noqa: E731
-        carry = (state._replace(ys=None),) + ((last,) if last is not None else ())
-        carry = lax.while_loop(more, body, carry)
-        return carry[0]._replace(ys=state.ys), (carry[1] if last is not None else None)
-
-    def write(ys, i, arrived, value):
-        """``ys[i] = value`` if ``arrived``, else NaN (not reached)."""
-        if ys is None:
-            return None
-        return lax.dynamic_update_index_in_dim(ys, jnp.where(arrived, value, jnp.nan), i, 0)
-
-    def solve() -> LoopState:
-        state = init()
-        if stop_at_outputs:
-            def outer(state):
-                i = state.i_out
-                target = lax.dynamic_index_in_dim(s_ts, i, keepdims=False)
-                new, _ = step_until(state, target, target, None)
-                arrived = new.t >= target
-                new = new._replace(ys=write(new.ys, i, arrived, new.y))
-                if jump is not None:
-                    new = arrive(new, i, arrived)
-                return new._replace(i_out=i + arrived.astype(int_))
-
-            return finish(lax.while_loop(running, outer, state))
-
-        degree = 3 if tableau.dense is None else len(tableau.dense[0])
-        dense_rows = tableau.num_stages if tableau.extra_c else degree
-        one, s_end = jnp.ones((), tdtype), s_ts[-1]
-        last = _LastStep(state.t, one, state.t, y0, y0, jnp.zeros((dense_rows, n), dtype))
-
-        def outer(carry):
-            state, last = carry
-            i = state.i_out
-            target = lax.dynamic_index_in_dim(s_ts, i, keepdims=False)
-            new, last = step_until(state, target, s_end, last)
-            arrived = new.t >= target  # else the solve failed
-            if tableau.extra_c:  # the extra stages once per step with outputs
-                coeffs = coefficients(last, last.dense, new.f)
-                new = new._replace(nfe=new.nfe + arrived.astype(int_) * len(tableau.extra_c))
-            else:
-                coeffs = last.dense
-            ys, i_out = _write_while(new.ys, i, s_ts, arrived, last, coeffs, tableau.dense_nested)
-            return new._replace(ys=ys, i_out=i_out), last
-
-        return finish(lax.while_loop(lambda carry: running(carry[0]), outer, (state, last))[0])
-
-    return Loop(init, step, running, finish, solve)
-
-
-def _valid_options(rtol, atol, dt0, adaptive: bool) -> Array:
-    """Whether the (possibly traced) tolerances are finite, >= 0 and not both 0 (adaptive
-    methods only) and ``dt0``, if given, finite and > 0."""
-    valid = jnp.ones((), bool)
-    if adaptive:
-        for tol in (rtol, atol):
-            valid = valid & jnp.all(jnp.isfinite(tol)) & jnp.all(tol >= 0)
-        valid = valid & ~jnp.any((rtol == 0) & (atol == 0))
-    if dt0 is not None:
-        valid = valid & jnp.all(jnp.isfinite(dt0)) & jnp.all(jnp.asarray(dt0) > 0)
-    return valid
+    def finish(self, state: LoopState) -> LoopState:
+        """The final state with its ``status``."""
+        failed = self.failure(state)
+        if self.progress:
+            progress_bar.close(self.direction * state.t)
+        status = jnp.where(state.i_out < self.num_out, failed, errors.SUCCESS)
+        return state._replace(status=status.astype(jnp.int32))
 
 
 def _next_step_size(h, h_used, factor, accept, landed_at_stop):
@@ -472,7 +444,7 @@ def _next_step_size(h, h_used, factor, accept, landed_at_stop):
     return jnp.where(accept, h_next, factor * jnp.minimum(h, h_used))
 
 
-def _write_while(ys, i_out, s_ts, accept, step: Attempt | _LastStep, coeffs, nested):
+def write_while(ys, i_out, s_ts, accept, step: Attempt, coeffs, method: Method):
     """Writes the outputs in ``step``'s ``(t, t_new]`` one by one, if ``accept`` (cost: the
     outputs in this step)."""
     num_out = s_ts.shape[0]
@@ -485,19 +457,19 @@ def _write_while(ys, i_out, s_ts, accept, step: Attempt | _LastStep, coeffs, nes
     def write(carry):
         i, ys = carry
         s_i = lax.dynamic_index_in_dim(s_ts, i, keepdims=False)
-        value = jnp.where(s_i == t_new, y_new, evaluate(y, coeffs, (s_i - t) / h, nested))
+        value = jnp.where(s_i == t_new, y_new, method.interpolate(y, coeffs, (s_i - t) / h))
         return i + 1, lax.dynamic_update_index_in_dim(ys, value, i, 0)
 
     i_out, ys = lax.while_loop(more, write, (i_out, ys))
     return ys, i_out
 
 
-def _write_masked(ys, i_out, s_ts, accept, step: Attempt, coeffs, nested):
+def write_masked(ys, i_out, s_ts, accept, step: Attempt, coeffs, method: Method):
     """Writes the outputs in ``step``'s ``(t, t_new]``, if ``accept``, by masking all of them
     (reverse-differentiable)."""
     t, h, t_new, y, y_new = step.t, step.h, step.t_new, step.y, step.y_new
     inside = accept & (s_ts > t) & (s_ts <= t_new)
     theta = jnp.clip((s_ts - t) / h, 0, 1)
-    values = jax.vmap(lambda th: evaluate(y, coeffs, th, nested))(theta)
+    values = jax.vmap(lambda th: method.interpolate(y, coeffs, th))(theta)
     values = jnp.where((s_ts == t_new)[:, None], y_new, values)
     return jnp.where(inside[:, None], values, ys), i_out + jnp.sum(inside).astype(i_out.dtype)

@@ -45,9 +45,9 @@ import numpy as np
 from jax import Array
 
 from . import errors
+from .methods import ButcherTableau
 from .odesolve import odesolve
 from .options import Options
-from .tableaus import ButcherTableau
 
 __all__ = ["MLPField", "ConcatSquashField", "NeuralODE", "ODEBlock", "CNF"]
 

@@ -1,5 +1,5 @@
-"""``odesolve``: checks the inputs, flattens pytrees, hoists closed-over arrays, picks the
-gradient mode, and runs the solve as a cached compiled function."""
+"""``odesolve``: options → problem (checked inputs, flat states, hoisted closed-over arrays) →
+gradient mode (``gradients.MODES``), run as a cached compiled function."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from jax import Array
 from jax.flatten_util import ravel_pytree
 
 from . import adjoint, errors
-from .adjoint import Config, Info
-from .loop import time_dtype
+from .control import error_dtype
+from .dense import DenseSolution
+from .forward import Config, Controls, forward, forward_batched
+from .gradients import MODES
+from .loop import Info, time_dtype
+from .methods import ButcherTableau, Method
 from .options import Options
-from .step import error_dtype
-from .tableaus import ButcherTableau
 
 __all__ = ["odesolve", "adjoint_backward_info", "Info"]
 
@@ -38,12 +40,8 @@ class _Problem(NamedTuple):
 class _Static(NamedTuple):
     """The options that shape the compiled program (hashable: part of the cache key)."""
 
-    tableau: ButcherTableau
-    max_steps: int
+    config: Config
     gradient: str
-    seminorm: bool
-    batched: bool
-    throw: bool
     full_output: bool
     checked: bool  # ts, z0, rtol and atol were concrete and have been checked by value
 
@@ -120,7 +118,7 @@ def odesolve(
     ts: Array,
     params: Any = None,
     *,
-    solver: str | ButcherTableau = "tsit5",
+    solver: str | ButcherTableau | Method = "tsit5",
     rtol: float | Array = 1e-6,
     atol: float | Array = 1e-6,
     dt0: float | Array | None = None,
@@ -132,6 +130,10 @@ def odesolve(
     batched: bool = False,
     throw: bool = True,
     full_output: bool = False,
+    max_dt: float | Array | None = None,
+    jump_ts: Array | None = None,
+    dense: bool = False,
+    progress: bool = False,
 ):
     """Solves ``dz/dt = f(z, t, params)``, ``z(ts[0]) = z0`` and returns ``z`` at every ``ts``.
 
@@ -182,10 +184,26 @@ def odesolve(
             derivative or ``info`` is used (default ``True``); with ``False`` the outputs not
             reached are NaN, ``info.status`` is nonzero, and every derivative is NaN.
         full_output: also return an ``Info`` (default ``False``).
+        max_dt: the longest step (a magnitude; jax odeint's ``hmax``, solve_ivp's
+            ``max_step``); default ``None``, no bound. May be traced.
+        jump_ts: times at which ``f`` is discontinuous in ``t`` (any order; those outside the
+            interval are ignored). The solver lands exactly on each, evaluating no stage
+            past it, and restarts there with ``f`` evaluated just after it, so a jump costs
+            no cascade of rejected steps. May be traced. Default ``None``.
+        dense: also return a ``jaxode.DenseSolution``, which evaluates the solution at any
+            time of the interval from the accepted steps' interpolants (``sol(t)``), under
+            ``jit`` and ``vmap``; it holds ``max_steps`` steps, so its memory is
+            ``max_steps × (d + 1) × n`` numbers (``d``: the interpolant's degree).
+            Differentiable with ``gradient="backprop"`` or ``"checkpoint"``; with the adjoint,
+            a gradient that reaches it raises (it would not be computed). Default ``False``.
+        progress: show a tqdm progress bar of the solve's time, updated from inside the
+            compiled loop a few hundred times per solve at most (default ``False``: nothing
+            of it is compiled).
 
     Returns:
         ``ys``, with the structure of ``z0`` and each leaf given a leading axis of length
-        ``T``; with ``full_output=True``, ``(ys, info)``.
+        ``T``; with ``full_output=True``, ``(ys, info)``; with ``dense=True``, ``(ys, sol)``
+        or ``(ys, info, sol)``.
 
     Raises:
         ValueError, TypeError: bad input, before any work where the input is concrete.
@@ -206,13 +224,18 @@ def odesolve(
     opts = Options(
         solver=solver, rtol=rtol, atol=atol, dt0=dt0, max_steps=max_steps, gradient=gradient,
         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_seminorm=adjoint_seminorm,
-        batched=batched, throw=throw, full_output=full_output,
+        batched=batched, throw=throw, full_output=full_output, max_dt=max_dt, jump_ts=jump_ts,
+        dense=dense, progress=progress,
     )
     z0, ts = _checked_inputs(z0, ts)
     checked = all(errors.is_concrete(x) for x in (ts, rtol, atol, *jax.tree_util.tree_leaves(z0)))
-    static = _Static(opts.tableau, opts.max_steps, opts.gradient, opts.adjoint_seminorm, opts.batched,
-                     opts.throw, opts.full_output, checked)
-    return _run_compiled(f, z0, ts, params, *opts.arrays(), static)
+    static = _Static(_config(opts), opts.gradient, opts.full_output, checked)
+    return _run_compiled(f, z0, ts, params, opts.arrays(), static)
+
+
+def _config(opts: Options) -> Config:
+    return Config(opts.method, opts.max_steps, opts.adjoint_seminorm, opts.throw, opts.batched,
+                  opts.dense, opts.progress)
 
 
 def _checked_inputs(z0, ts):
@@ -222,10 +245,11 @@ def _checked_inputs(z0, ts):
     return z0, errors.check_ts(ts)
 
 
-def _run_compiled(f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol, static: _Static):
+def _run_compiled(f, z0, ts, params, arrays, static: _Static):
     """``_solve`` through a cache of compiled functions (see ``odesolve``'s notes); an eager
-    call waits for its result, so that a failure raises here as a ``SolveError``."""
-    args = (f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol, static)
+    call waits for its result, so that a failure raises here as a ``SolveError``.
+    ``arrays``: ``Options.arrays()``."""
+    args = (f, z0, ts, params, arrays, static)
     if not _hashable(args) or adjoint.batch_traced(args):
         # under jax.vmap the adjoint's own batching rule must see the solve (see adjoint.solve)
         return _solve(*args)
@@ -257,45 +281,50 @@ def _hashable(args) -> bool:
     return True
 
 
-def _solve(f, z0, ts, params, rtol, atol, dt0, adjoint_rtol, adjoint_atol, static: _Static):
+def _solve(f, z0, ts, params, arrays, static: _Static):
     """The solve of ``odesolve`` (its inputs already checked by value where concrete)."""
-    tableau, max_steps, gradient = static.tableau, static.max_steps, static.gradient
-    batched, throw, full_output = static.batched, static.throw, static.full_output
+    cfg = static.config
     if errors.is_empty(z0):
-        return _empty_solve(z0, ts, batched, full_output)
-    pb = _prepare(f, z0, ts, params, rtol, atol, dt0, batched, static.checked)
-    cfg = Config(tableau, max_steps, static.seminorm, throw, batched)
-    if gradient == "adjoint":
-        a_rtol = pb.rtol if adjoint_rtol is None else jnp.asarray(adjoint_rtol, pb.rtol.dtype)
-        a_atol = pb.atol if adjoint_atol is None else jnp.asarray(adjoint_atol, pb.atol.dtype)
-        ys, info = adjoint.solve(
-            pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, a_rtol, a_atol, cfg
-        )
-    else:
-        solve = adjoint.forward_batched if batched else adjoint.forward
-        ys, info = solve(
-            pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg,
-            gradient=gradient,
-        )
-    if throw:  # on info too: a caller may use info alone
-        ys, info = errors.raise_on_failure((ys, info), info.status)
+        return _empty_solve(z0, ts, cfg.batched, static.full_output, cfg.dense)
+    rtol, atol, dt0, adjoint_rtol, adjoint_atol, max_dt, jump_ts = arrays
+    pb = _prepare(f, z0, ts, params, rtol, atol, dt0, cfg.batched, static.checked)
+    controls = Controls(pb.rtol, pb.atol, pb.dt0, _as(max_dt, pb.ts.dtype), _as(jump_ts, pb.ts.dtype))
+    adjoint_tols = (_as(adjoint_rtol, pb.rtol.dtype, pb.rtol), _as(adjoint_atol, pb.atol.dtype, pb.atol))
+    sol = MODES[static.gradient](pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, controls, adjoint_tols, cfg)
+    ys, info, dense = sol.ys, sol.info, sol.dense
+    if cfg.throw:  # on info and the dense steps too: a caller may use them alone
+        ys, info, dense = errors.raise_on_failure((ys, info, dense), info.status)
     else:
         ys = errors.nan_gradient_on_failure(ys, info.status)
-    ys = jax.vmap(jax.vmap(pb.unravel))(ys) if batched else jax.vmap(pb.unravel)(ys)
-    return (ys, info) if full_output else ys
+        if dense is not None:
+            dense = errors.nan_gradient_on_failure(dense, info.status)
+    ys = jax.vmap(jax.vmap(pb.unravel))(ys) if cfg.batched else jax.vmap(pb.unravel)(ys)
+    out = (ys, info) if static.full_output else (ys,)
+    if cfg.dense:
+        out += (DenseSolution.of(dense, info, pb.ts, cfg.method, pb.unravel, cfg.batched),)
+    return out if len(out) > 1 else out[0]
+
+
+def _as(x, dtype, default=None):
+    """``x`` as an array of ``dtype``, or ``default`` if ``x`` is ``None``."""
+    return default if x is None else jnp.asarray(x, dtype)
 
 
 _solve_compiled = eqx.filter_jit(_solve)
 
 
-def _empty_solve(z0, ts, batched: bool, full_output: bool):
+def _empty_solve(z0, ts, batched: bool, full_output: bool, dense: bool):
     """A state with no elements: nothing to integrate; ``ys`` holds ``len(ts)`` empty copies
     (after the batch axis, if ``batched``)."""
+    if dense:
+        raise ValueError("dense=True needs a state with at least one element")
     axis = 1 if batched else 0
     ys = jax.tree_util.tree_map(lambda x: jnp.repeat(jnp.expand_dims(x, axis), ts.shape[0], axis), z0)
     batch = (jnp.shape(jax.tree_util.tree_leaves(z0)[0])[0],) if batched else ()
     zero = jnp.zeros(batch, jnp.int32)
-    info = Info(num_steps=zero, num_accepted=zero, num_rejected=zero, nfe=zero, status=zero)
+    final = jnp.broadcast_to(ts[-1].astype(time_dtype(ts.dtype)), batch)
+    info = Info(num_steps=zero, num_accepted=zero, num_rejected=zero, nfe=zero, status=zero,
+                num_jacobians=zero, final_time=final)
     return (ys, info) if full_output else ys
 
 
@@ -330,31 +359,32 @@ def adjoint_backward_info(
     if opts.gradient != "adjoint":
         raise ValueError(f"adjoint_backward_info runs the adjoint method: gradient must be "
                          f"'adjoint', got {opts.gradient!r}")
-    cfg = Config(opts.tableau, opts.max_steps, opts.adjoint_seminorm, opts.throw, opts.batched)
+    if opts.dense:
+        raise ValueError("adjoint_backward_info: dense=True is not supported")
     return _run_eagerly_raising(
-        _backward_info_compiled, f, *_checked_inputs(z0, ts), params, cotangent, *opts.arrays(), cfg
+        _backward_info_compiled, f, *_checked_inputs(z0, ts), params, cotangent, opts.arrays(), _config(opts)
     )
 
 
-def _backward_info(f, z0, ts, params, cotangent, rtol, atol, dt0, adjoint_rtol, adjoint_atol, cfg: Config):
+def _backward_info(f, z0, ts, params, cotangent, arrays, cfg: Config):
     """``adjoint_backward_info``'s solves, compiled as ``odesolve``'s are."""
+    rtol, atol, dt0, adjoint_rtol, adjoint_atol, max_dt, jump_ts = arrays
     pb = _prepare(f, z0, ts, params, rtol, atol, dt0, cfg.batched)
-    forward, backward = (adjoint.forward_batched, adjoint.backward_batched) if cfg.batched else (
-        adjoint.forward, adjoint.backward)
-    ys, fwd_info, last_step = forward(
-        pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, pb.rtol, pb.atol, pb.dt0, cfg, last_step=True
-    )
+    controls = Controls(pb.rtol, pb.atol, pb.dt0, _as(max_dt, pb.ts.dtype), _as(jump_ts, pb.ts.dtype))
+    run_forward, backward = (forward_batched, adjoint.backward_batched) if cfg.batched else (
+        forward, adjoint.backward)
+    sol = run_forward(pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, controls, cfg)
+    ys, fwd_info = sol.ys, sol.info
     flat = lambda c: ravel_pytree(c)[0]
     if cotangent is None:
         ct = jnp.ones_like(ys)
     else:
         ct = jax.vmap(jax.vmap(flat))(cotangent) if cfg.batched else jax.vmap(flat)(cotangent)
-    a_rtol = pb.rtol if adjoint_rtol is None else jnp.asarray(adjoint_rtol, pb.rtol.dtype)
-    a_atol = pb.atol if adjoint_atol is None else jnp.asarray(adjoint_atol, pb.atol.dtype)
-    ct_y0, ct_ts, _, bwd_info = backward(
-        pb.field, ys, pb.ts, pb.diff, pb.nondiff, ct, a_rtol, a_atol,
-        last_step if cfg.tableau.adaptive else pb.dt0, cfg,
+    bwd_controls = controls._replace(
+        rtol=_as(adjoint_rtol, pb.rtol.dtype, pb.rtol), atol=_as(adjoint_atol, pb.atol.dtype, pb.atol),
+        dt0=sol.last_step if cfg.method.adaptive else pb.dt0,
     )
+    ct_y0, ct_ts, _, bwd_info = backward(pb.field, ys, pb.ts, pb.diff, pb.nondiff, ct, bwd_controls, cfg)
     out = (ct_y0, ct_ts), (fwd_info, bwd_info)
     if cfg.throw:  # like odesolve: a failed solve raises, also when only the infos are used
         fwd_status, bwd_status = jnp.max(fwd_info.status), jnp.max(bwd_info.status)

@@ -19,11 +19,12 @@ import numpy as np
 from jax import Array
 
 from . import errors
-from .tableaus import ButcherTableau, get_solver
+from .gradients import MODES
+from .methods import ButcherTableau, Method, get_method
 
 __all__ = ["Options"]
 
-_FLAGS = ("adjoint_seminorm", "batched", "throw", "full_output")
+_FLAGS = ("adjoint_seminorm", "batched", "throw", "full_output", "dense", "progress")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,7 +38,7 @@ class Options:
     tolerances and ``dt0`` are Python or NumPy scalars.
 
     Attributes:
-        solver: a solver name or a ``ButcherTableau`` (default ``"tsit5"``).
+        solver: a solver name, a ``ButcherTableau`` or a ``Method`` (default ``"tsit5"``).
         rtol, atol: the step-size controller's tolerances (default ``1e-6`` each).
         dt0: a fixed-step solver's step, or an adaptive one's first step (default ``None``).
         max_steps: the most steps, accepted and rejected (default 4096).
@@ -47,9 +48,13 @@ class Options:
         batched: ``z0`` carries a leading axis of independent problems.
         throw: raise on a failed solve (default ``True``).
         full_output: also return an ``Info`` (default ``False``).
+        max_dt: the longest step (default ``None``: no bound).
+        jump_ts: times at which the field is discontinuous (default ``None``).
+        dense: also return a ``DenseSolution`` (default ``False``).
+        progress: show a progress bar of the solve's time (default ``False``; needs tqdm).
     """
 
-    solver: str | ButcherTableau = "tsit5"
+    solver: str | ButcherTableau | Method = "tsit5"
     rtol: float | Array = 1e-6
     atol: float | Array = 1e-6
     dt0: float | Array | None = None
@@ -61,23 +66,36 @@ class Options:
     batched: bool = False
     throw: bool = True
     full_output: bool = False
+    max_dt: float | Array | None = None
+    jump_ts: Any = None
+    dense: bool = False
+    progress: bool = False
 
     def __post_init__(self):
+        if self.gradient not in MODES:
+            raise ValueError(f"unknown gradient mode {self.gradient!r}: use one of {tuple(MODES)}")
         errors.check_options(
-            self.tableau, self.rtol, self.atol, self.dt0, self.max_steps, self.gradient,
-            self.adjoint_rtol, self.adjoint_atol,
+            self.method, self.rtol, self.atol, self.dt0, self.max_steps, self.adjoint_rtol,
+            self.adjoint_atol, self.max_dt,
         )
+        if self.jump_ts is not None:
+            object.__setattr__(self, "jump_ts", errors.check_jump_ts(self.jump_ts))
         for name in _FLAGS:
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
             object.__setattr__(self, name, bool(value))
         object.__setattr__(self, "max_steps", int(self.max_steps))
+        if self.progress:
+            try:
+                import tqdm  # noqa: F401
+            except ImportError:
+                raise ImportError("progress=True needs tqdm: pip install tqdm") from None
 
     @property
-    def tableau(self) -> ButcherTableau:
-        """The solver's Butcher tableau."""
-        return get_solver(self.solver)  # ValueError listing the names for an unknown one
+    def method(self) -> Method:
+        """The solver's ``Method``."""
+        return get_method(self.solver)  # ValueError listing the names for an unknown one
 
     def replace(self, **changes: Any) -> Options:
         """A copy with ``changes`` applied, validated again; an unknown name is a ``TypeError``."""
@@ -88,8 +106,10 @@ class Options:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def arrays(self) -> tuple[Array | None, ...]:
-        """``(rtol, atol, dt0, adjoint_rtol, adjoint_atol)`` as JAX arrays (``None`` kept): the
-        values a compiled solve takes as inputs, so changing them does not recompile."""
-        values = (self.rtol, self.atol, self.dt0, self.adjoint_rtol, self.adjoint_atol)
+        """``(rtol, atol, dt0, adjoint_rtol, adjoint_atol, max_dt, jump_ts)`` as JAX arrays
+        (``None`` kept): the values a compiled solve takes as inputs, so changing them does not
+        recompile."""
+        values = (self.rtol, self.atol, self.dt0, self.adjoint_rtol, self.adjoint_atol, self.max_dt,
+                  self.jump_ts)
         return tuple(None if v is None else jnp.asarray(v) for v in values)
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import failure_cause
 
 import jaxode
-from jaxode.tableaus import SOLVERS
+from jaxode.methods.tableaus import SOLVERS
 
 Z0 = jnp.array([1.0, 0.0])
 TS = jnp.array([0.0, 1.0, 2.0])
@@ -278,7 +278,7 @@ def test_bad_traced_tolerances_raise_at_run_time(rtol, atol):
     solve = jax.jit(lambda rtol, atol: jaxode.odesolve(field, Z0, TS, rtol=rtol, atol=atol, max_steps=50))
     with pytest.raises(Exception) as err:
         jax.block_until_ready(solve(rtol, atol))
-    assert "invalid traced rtol, atol or dt0" in failure_cause(err.value)
+    assert "invalid traced rtol, atol, dt0 or max_dt" in failure_cause(err.value)
 
 
 @pytest.mark.parametrize("f", [lambda t, y: -y, lambda t, y, p: -y[0] * y], ids=["f(t, y)", "f(t, y, p)"])

@@ -11,9 +11,8 @@ import pytest
 from conftest import ADAPTIVE_SOLVERS, Recorder, logistic_exact
 
 import jaxode
-from jaxode.interpolation import dense_coefficients, evaluate
-from jaxode.step import rk_step
-from jaxode.tableaus import SOLVERS
+from jaxode.interpolation import evaluate
+from jaxode.methods import METHODS
 
 
 def field(y, t):
@@ -24,14 +23,19 @@ def exact(t, t0, y0):
     return 1.0 / (t**2 + 1.0 / y0 - t0**2)
 
 
+def _step_and_interpolant(method, y0, t0, h):
+    """One step of ``method`` and its interpolant's coefficients."""
+    st = method.step(field, t0, y0, h, field(y0, t0), (), t0 + h)
+    return st, method.interpolant(field, t0, y0, h, st.dense, st.y_new, st.f_new)
+
+
 def _interpolant(name):
-    tab = SOLVERS[name]
+    method = METHODS[name]
 
     @jax.jit
     def run(y0, h, theta):
-        st = rk_step(tab, field, 0.3, y0, h, field(y0, 0.3))
-        coeffs = dense_coefficients(tab, field, 0.3, y0, h, st.stages, st.y_new, st.f_new)
-        return evaluate(y0, coeffs, theta, tab.dense_nested), st.y_new
+        st, coeffs = _step_and_interpolant(method, y0, 0.3, h)
+        return method.interpolate(y0, coeffs, theta), st.y_new
 
     return run
 
@@ -78,11 +82,10 @@ def test_evaluate_is_polynomial():
 
 def test_hermite_dense_for_tableau_without_dense_matrix():
     """bosh3 has no dense matrix: the cubic Hermite interpolant matches values and slopes at both ends."""
-    tab = SOLVERS["bosh3"]
-    assert tab.dense is None
+    method = METHODS["bosh3"]
+    assert method.tableau.dense is None
     y0, h, t0 = jnp.array([0.8]), 0.2, 0.3
-    st = rk_step(tab, field, t0, y0, h, field(y0, t0))
-    coeffs = dense_coefficients(tab, field, t0, y0, h, st.stages, st.y_new, st.f_new)
+    st, coeffs = _step_and_interpolant(method, y0, t0, h)
     p = lambda th: evaluate(y0, coeffs, th)
     dp = jax.jacfwd(p)
     np.testing.assert_allclose(p(1.0), st.y_new, rtol=1e-14)

@@ -14,7 +14,7 @@ import pytest
 from conftest import ADAPTIVE_SOLVERS, FIXED_ORDERS, FSAL, STAGES
 
 import jaxode
-from jaxode.tableaus import SOLVERS, ButcherTableau, get_solver
+from jaxode.methods.tableaus import SOLVERS, ButcherTableau, get_solver
 
 # --- rooted trees and elementary weights (Butcher's theory, independent of the library) ---
 

@@ -143,7 +143,7 @@ def test_invalid_traced_tolerance_is_reported(traced_solve, rtol, atol, dt0):
 def test_invalid_traced_tolerance_raises_naming_it():
     solve = jax.jit(lambda rtol: jaxode.odesolve(_oscillator, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]),
                                                  rtol=rtol))
-    with pytest.raises(Exception, match="invalid traced rtol, atol or dt0"):
+    with pytest.raises(Exception, match="invalid traced rtol, atol, dt0 or max_dt"):
         jax.block_until_ready(solve(jnp.nan))
 
 

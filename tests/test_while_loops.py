@@ -13,7 +13,7 @@ from grad_utils import PARAMS, TOL, TS, Z0, central_difference, forced_oscillato
 from jax import lax
 
 import jaxode
-from jaxode.backprop import checkpointed_while, custom_vjp_while
+from jaxode.while_loops import checkpointed_while, custom_vjp_while
 
 
 @pytest.mark.parametrize("max_steps", [1, 7, 64, 1000])

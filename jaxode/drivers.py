@@ -1,0 +1,208 @@
+"""The ways to run a ``Loop``, and the one rule that picks among the plain ones.
+
+A driver takes ``build(differentiable) -> Loop`` and returns the finished ``LoopState``:
+
+==============  =================================================================================
+driver          how the loop runs
+==============  =================================================================================
+``nested``      two ``lax.while_loop``s: over the output times, and over the steps up to the next
+                one. The inner loop carries only the state of size ``n`` (no outputs, no
+                ``ts``), which XLA's CPU runtime runs inline when every buffer it touches is small
+                (``_INLINE_BYTES``): for a small system a step is several times cheaper.
+``flat``        one ``lax.while_loop`` over ``Loop.step``: for a large system, whose step costs
+                what its field does, and under ``jax.vmap`` (each problem steps on without
+                waiting for the others at every output time).
+``automatic``   the rule: ``nested`` if a step's stages fit in ``_INLINE_BYTES``, else ``flat``;
+                ``flat`` under ``jax.vmap`` in any case. Not reverse-differentiable.
+``backprop``    ``while_loops.checkpointed_while`` over ``Loop.step`` (nested, checkpointed
+                scans): reverse and forward mode; outputs written by masking.
+``checkpoint``  ``while_loops.custom_vjp_while``: a ``custom_vjp`` around a plain while loop of
+                the fast loop, recomputing the differentiable one's steps from checkpoints in the
+                reverse pass; reverse mode only.
+==============  =================================================================================
+
+The gradient modes (``jaxode.gradients``) name the driver each one runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+
+from . import errors
+from .loop import Loop, LoopState, write_while
+from .while_loops import checkpointed_while, custom_vjp_while, hoist
+
+# XLA's CPU runtime runs a loop body inline when every buffer it touches is at most this big
+# (ThunkExecutor's execute_sequential_buffer_threshold), else through its dataflow executor.
+_INLINE_BYTES = 512
+
+Build = Callable[[bool], Loop]
+
+
+def integrate(field, y0, ts, rtol, atol, dt0, *, driver: str = "automatic", **options) -> LoopState:
+    """Solves ``y' = field(y, t)``, ``y(ts[0]) = y0`` with the driver named ``driver`` and
+    returns the final ``LoopState``; ``options`` are ``Loop``'s."""
+    def build(differentiable: bool) -> Loop:
+        return Loop(field, y0, ts, rtol, atol, dt0, differentiable=differentiable, **options)
+
+    return DRIVERS[driver](build)
+
+
+def flat(build: Build) -> LoopState:
+    loop = build(False)
+    return loop.finish(lax.while_loop(loop.running, lambda state: loop.step(state)[0], loop.init()))
+
+
+def is_large(loop: Loop) -> bool:
+    """Whether a step's stages exceed ``_INLINE_BYTES``: then its cost is the field's, and the
+    flat driver runs it."""
+    return loop.method.num_stages * loop.y0.size * loop.y0.dtype.itemsize > _INLINE_BYTES
+
+
+def automatic(build: Build) -> LoopState:
+    loop = build(False)
+    if is_large(loop) or loop.save_dense:
+        return flat(build)
+    return _vmapped_as(lambda: nested(build), lambda: flat(build))
+
+
+def backprop(build: Build) -> LoopState:
+    loop = build(True)
+    body = lambda state: loop.step(state)[0]
+    stages = loop.method.num_stages
+    state = checkpointed_while(loop.running, body, loop.init(), loop.max_steps, residual_ratio=stages)
+    return loop.finish(state)
+
+
+def checkpoint(build: Build) -> LoopState:
+    """The outputs (``ys``, and the dense steps) are written by the body and never read: they
+    are passed to ``custom_vjp_while`` apart from the carry, and not checkpointed."""
+    loop, fast = build(True), build(False)
+
+    def outputs_apart(step):
+        def body(carry, outputs):
+            ys, dense = outputs
+            new = step(carry._replace(ys=ys, dense=dense))[0]
+            return new._replace(ys=None, dense=None), (new.ys, new.dense)
+
+        return body
+
+    state = loop.init()
+    carry, (ys, dense) = custom_vjp_while(
+        loop.running, outputs_apart(loop.step), state._replace(ys=None, dense=None), (state.ys, state.dense),
+        loop.max_steps, fast_body=outputs_apart(fast.step),
+    )
+    return loop.finish(carry._replace(ys=ys, dense=dense))
+
+
+class _LastStep(NamedTuple):
+    """The last accepted step of the inner loop, to interpolate the outputs inside it."""
+
+    t: Array
+    h: Array
+    t_new: Array
+    y: Array
+    y_new: Array
+    f_new: Array
+    dense: Any  # the method's StepResult.dense if its interpolant costs evaluations, else the coefficients
+
+
+def nested(build: Build) -> LoopState:
+    loop = build(False)
+    state = loop.init()
+    if loop.stop_at_outputs:
+        return loop.finish(lax.while_loop(loop.running, lambda s: _to_next_output(loop, s), state))
+    lazy = loop.method.interpolant_nfe > 0
+    s_end, int_ = loop.s_ts[-1], jnp.int32
+
+    def last_of(at):
+        dense = at.dense if lazy else loop.coefficients(at)
+        return _LastStep(at.t, at.h, at.t_new, at.y, at.y_new, at.f_new, dense)
+
+    shape = jax.eval_shape(lambda: last_of(loop.attempt(state, s_end)[1]))
+    last = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+
+    def outer(carry):
+        state, last = carry
+        i = state.i_out
+        target = lax.dynamic_index_in_dim(loop.s_ts, i, keepdims=False)
+        new, last = _steps_until(loop, state, target, s_end, last, last_of)
+        arrived = new.t >= target  # else the solve failed
+        coeffs = last.dense
+        if lazy:  # the interpolant's extra evaluations once per step with outputs
+            coeffs = loop.coefficients(last)
+            new = new._replace(nfe=new.nfe + arrived.astype(int_) * loop.method.interpolant_nfe)
+        ys, i_out = write_while(new.ys, i, loop.s_ts, arrived, last, coeffs, loop.method)
+        return new._replace(ys=ys, i_out=i_out), last
+
+    return loop.finish(lax.while_loop(lambda carry: loop.running(carry[0]), outer, (state, last))[0])
+
+
+def _to_next_output(loop: Loop, state: LoopState) -> LoopState:
+    """The steps up to the next output time (each clipped to land on it), and the output there."""
+    i = state.i_out
+    target = lax.dynamic_index_in_dim(loop.s_ts, i, keepdims=False)
+    new, _ = _steps_until(loop, state, target, target)
+    arrived = new.t >= target
+    if new.ys is not None:
+        value = jnp.where(arrived, new.y, jnp.nan)
+        new = new._replace(ys=lax.dynamic_update_index_in_dim(new.ys, value, i, 0))
+    if loop.at_output is not None:
+        new = loop.arrive(new, i, arrived)
+    return new._replace(i_out=i + arrived.astype(jnp.int32))
+
+
+def _steps_until(loop: Loop, state: LoopState, until, clip_to, last=None, last_of=None):
+    """The inner loop: steps (each clipped to end at ``clip_to`` at the latest) until
+    ``state.t`` reaches ``until`` or the solve fails; with ``last``, also returns the last
+    step (the accepted one that got there). Carries nothing of size ``T``."""
+
+    def body(carry):
+        new, at = loop.attempt(carry[0], clip_to)
+        return (new,) if last is None else (new, last_of(at))
+
+    def more(carry):
+        return (carry[0].t < until) & (loop.failure(carry[0]) == errors.SUCCESS)
+
+    carry = (state._replace(ys=None),) + (() if last is None else (last,))
+    carry = lax.while_loop(more, body, carry)
+    return carry[0]._replace(ys=state.ys), (carry[1] if last is not None else None)
+
+
+def _vmapped_as(fn: Callable[[], Any], vmappable: Callable[[], Any]):
+    """``fn()``, whose ``jax.vmap`` is computed as ``jax.vmap`` of ``vmappable()`` instead.
+
+    ``fn`` and ``vmappable`` compute the same thing (here: the nested and the flat drivers).
+    The nested loops are the faster for one problem, but under ``jax.vmap`` every problem
+    would wait for the others at each output time; the flat loop lets each problem step on by
+    itself. Everything the two functions close over is passed in explicitly, as
+    ``custom_vmap`` requires to see what is batched.
+    """
+    run_fn, fn_consts = hoist(fn)
+    run_flat, flat_consts = hoist(vmappable)
+
+    @jax.custom_batching.custom_vmap
+    def run(fn_consts, flat_consts):
+        return run_fn(fn_consts)
+
+    @run.def_vmap
+    def _rule(axis_size, in_batched, fn_consts, flat_consts):
+        in_axes = [0 if batched else None for batched in in_batched[1]]
+        out = jax.vmap(run_flat, in_axes=(in_axes,), axis_size=axis_size)(flat_consts)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return run(fn_consts, flat_consts)
+
+
+DRIVERS: dict[str, Callable[[Build], LoopState]] = {
+    "nested": nested,
+    "flat": flat,
+    "automatic": automatic,
+    "backprop": backprop,
+    "checkpoint": checkpoint,
+}

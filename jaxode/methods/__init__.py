@@ -1,0 +1,29 @@
+"""Time-stepping methods behind one interface (``base.Method``), and their names.
+
+``get_method(solver)`` turns ``odesolve``'s ``solver`` argument (a name, a
+``ButcherTableau`` or a ``Method``) into a ``Method``. ``METHODS`` names them all.
+"""
+
+from __future__ import annotations
+
+from .base import Method, StepResult
+from .explicit import ExplicitRK
+from .tableaus import SOLVERS, ButcherTableau
+
+__all__ = ["METHODS", "ButcherTableau", "ExplicitRK", "Method", "StepResult", "get_method"]
+
+METHODS: dict[str, Method] = {name: ExplicitRK(tableau) for name, tableau in SOLVERS.items()}
+
+
+def get_method(solver: str | ButcherTableau | Method) -> Method:
+    """The ``Method`` named by ``solver``; ``ValueError`` listing the names if there is none."""
+    if isinstance(solver, Method):
+        return solver
+    if isinstance(solver, ButcherTableau):
+        return ExplicitRK(solver)
+    if isinstance(solver, str) and solver in METHODS:
+        return METHODS[solver]
+    raise ValueError(
+        f"unknown solver {solver!r}: use one of {', '.join(map(repr, METHODS))} "
+        "or a jaxode.ButcherTableau"
+    )
