@@ -172,7 +172,7 @@ def make_model(width: int, key, tau, gradient: str = "adjoint") -> NeuralODE:
     callback inside the compiled step)."""
     field = MLPField(2, width=width, depth=2, autonomous=True, key=key)
     # A window is short: 256 steps is plenty, and it bounds gradient="backprop" under vmap,
-    # which pays for max_steps steps (see jaxode.backprop).
+    # which pays for max_steps steps (see jaxode.while_loops).
     return NeuralODE(field, ts=tuple(np.asarray(tau).tolist()), rtol=1e-3, atol=1e-4, max_steps=256,
                      gradient=gradient, throw=False, full_output=True)
 

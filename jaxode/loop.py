@@ -129,7 +129,7 @@ class Attempt(NamedTuple):
     """One step attempt from ``(t, y)`` to ``(t_new, y_new)`` (forward-running time)."""
 
     accept: Array
-    landed: Array  # the step was shortened to end exactly on its target time
+    landed: Array  # the step was shortened to end exactly on its target time (not on a jump before it)
     t: Array
     y: Array
     h: Array  # the step used, ``t_new - t``
@@ -282,17 +282,19 @@ class Loop:
         t, y, h = state.t, state.y, state.h
         if self.max_dt is not None:
             h = jnp.minimum(h, self.max_dt)
-        on_jump = False
+        goal = target
         if self.s_jumps is not None:
             jump = self._next_jump(t)
-            on_jump = jump < target
-            target = jnp.minimum(target, jump)
+            target = jnp.minimum(goal, jump)
         t_try = t + h
         landed = t_try >= target - 64 * self.eps * jnp.maximum(jnp.abs(t), jnp.abs(target))
         t_new = jnp.where(landed, target, t_try)
         h_used = t_new - t  # the step the time really advanced by
-        on_jump = landed & on_jump
-        t_end = t_new if self.s_jumps is None else jnp.where(on_jump, jnp.nextafter(t_new, -jnp.inf), t_new)
+        on_jump = False if self.s_jumps is None else landed & (jump <= goal)
+        reached = landed if self.s_jumps is None else landed & (goal <= jump)
+        t_end = t_new
+        if self.s_jumps is not None:  # (times next to a jump are not differentiated)
+            t_end = jnp.where(on_jump, jnp.nextafter(lax.stop_gradient(t_new), -jnp.inf), t_new)
         step = method.step(self.g, t, y, h_used, state.f, state.method_state, t_end)
         finite = jnp.all(jnp.isfinite(step.y_new))
         for error in jax.tree_util.tree_leaves(step.error):
@@ -303,7 +305,8 @@ class Loop:
             ratio = jnp.where(finite, ratio, jnp.inf)
             accept = finite & (ratio <= 1)
             factor = step_factor(ratio, state.ratio_prev, accept, method.error_order).astype(self.tdtype)
-            h_next = _next_step_size(state.h, h_used, factor, accept, landed & self.stop_at_outputs)
+            keep_h = (landed & self.stop_at_outputs) | on_jump
+            h_next = _next_step_size(state.h, h_used, factor, accept, keep_h)
         else:
             ratio = jnp.zeros((), self.edtype)
             accept = finite
@@ -313,7 +316,7 @@ class Loop:
         f_next, nfe = step.f_new, state.nfe + step.nfe
         if self.s_jumps is not None:  # restart after a jump: f just after it
             restart = accept & on_jump
-            after = lambda: self.g(step.y_new, jnp.nextafter(t_new, jnp.inf))
+            after = lambda: self.g(step.y_new, jnp.nextafter(lax.stop_gradient(t_new), jnp.inf))
             f_next = lax.cond(restart, after, lambda: step.f_new)
             nfe = nfe + restart.astype(int_)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accept, a, b), new, old)
@@ -335,7 +338,7 @@ class Loop:
         if self.progress:
             attempts = new_state.num_accepted + new_state.num_rejected
             progress_bar.update(self.direction * new_state.t, attempts, self.max_steps)
-        at = Attempt(accept, landed, t, y, h_used, t_new, step.y_new, step.f_new, step.dense, record)
+        at = Attempt(accept, reached, t, y, h_used, t_new, step.y_new, step.f_new, step.dense, record)
         return new_state, at
 
     def arrive(self, state: LoopState, i, arrived) -> LoopState:
@@ -435,7 +438,7 @@ class Loop:
 
 def _next_step_size(h, h_used, factor, accept, landed_at_stop):
     """The controller's next step from the one used; a step shortened to land on an output
-    time it stops at keeps the size it had before; a rejection shrinks the step (by
+    time it stops at (or on a jump) keeps the size it had before; a rejection shrinks the step (by
     ``factor < 1``) from the smaller of the one tried and the one used, which rounding of
     ``t + h`` (or landing on an output time) may have made longer: else it could be tried
     again and again."""

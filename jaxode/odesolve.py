@@ -163,7 +163,7 @@ def odesolve(
             backward solve of the augmented system, memory independent of the number of
             steps; ``"backprop"``: reverse (and forward) mode through the solver's own
             operations, the exact derivative of the computed solution with the step sizes
-            held fixed, by checkpointed nested scans (see ``jaxode.backprop``);
+            held fixed, by checkpointed nested scans (see ``jaxode.while_loops``);
             ``"checkpoint"``: the same derivative, reverse mode only, by a ``custom_vjp``
             around the step loop that checkpoints states and recomputes steps on the way
             back; faster, and its cost does not grow with ``max_steps``.

@@ -44,10 +44,13 @@ def _open(t0, t1) -> None:
     if _bar is not None:
         _bar.close()
     t0, t1 = float(np.ravel(t0)[0]), float(np.ravel(t1)[0])
-    _bar = tqdm(total=abs(t1 - t0), desc="jaxode", mininterval=0.1,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| t={postfix} [{elapsed}<{remaining}]")
+    _bar = tqdm(total=abs(t1 - t0), desc=_label(t0), mininterval=0.1,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
     _bar.t0, _bar.sign = t0, (1.0 if t1 >= t0 else -1.0)
-    _bar.set_postfix_str(f"{t0:.4g}", refresh=False)
+
+
+def _label(t: float) -> str:
+    return f"jaxode t={t:.4g}"
 
 
 def _update(t) -> None:
@@ -56,7 +59,7 @@ def _update(t) -> None:
     done = float(np.min(np.abs(np.asarray(t) - _bar.t0)))  # the slowest problem of a batch
     done = min(done, _bar.total)
     if done > _bar.n:
-        _bar.set_postfix_str(f"{_bar.t0 + _bar.sign * done:.4g}", refresh=False)
+        _bar.set_description_str(_label(_bar.t0 + _bar.sign * done), refresh=False)
         _bar.update(done - _bar.n)
 
 

@@ -247,8 +247,8 @@ def _damped(z, t, p):
 
 @pytest.mark.parametrize("name", ["tsit5", "dopri8", "bosh3", "rk4"])
 def test_nested_and_flat_loops_agree(name):
-    """A 2-state system runs the nested loops (``Loop.solve``); 32 identical copies of it in
-    one 64-state system run the flat loop over ``Loop.step`` (too big to run inline). The RMS
+    """A 2-state system runs the nested driver (``drivers.nested``); 32 identical copies of it in
+    one 64-state system run the flat driver (too big to run inline). The RMS
     error norm of identical copies is that of one, so both take the same steps and give the
     same outputs, at many output times per step and several steps per output."""
     ts = jnp.concatenate([jnp.linspace(0.0, 0.05, 40), jnp.linspace(0.5, 9.0, 5)])

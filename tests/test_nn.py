@@ -207,7 +207,7 @@ class Model(eqx.Module):
     def __init__(self, key, gradient):
         k1, k2, k3 = jax.random.split(key, 3)
         self.encoder = eqx.nn.Linear(3, 4, key=k1)
-        # a small max_steps: under vmap, backprop's loop costs max_steps steps (jaxode.backprop)
+        # a small max_steps: under vmap, backprop's loop costs max_steps steps (jaxode.while_loops)
         self.ode = NeuralODE(
             MLPField(4, width=8, depth=1, key=k2), rtol=1e-5, atol=1e-5, gradient=gradient, max_steps=64
         )
