@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from . import errors
+from . import errors, interpolated_adjoint
 from .drivers import integrate
 from .forward import Config, Controls, FlatField, Solution, forward, forward_batched
 from .loop import Loop, info_of
@@ -194,10 +194,14 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
     """
     if cfg.batched:
         fwd_solve = lambda *a, **o: forward_batched(field, *a, cfg, **o)
-        bwd_solve = _not_differentiable(lambda *a: backward_batched(field, *a, cfg))
+        backward_of = interpolated_adjoint.backward_batched if cfg.interpolate else _backsolve_batched
+        bwd_solve = _not_differentiable(lambda *a: backward_of(field, *a, cfg))
+    elif cfg.interpolate:
+        fwd_solve = lambda *a, **o: _differentiated_by_backprop(forward, field, cfg, **o)(*a)
+        bwd_solve = _not_differentiable(lambda *a: interpolated_adjoint.backward(field, *a, cfg))
     else:  # the rules themselves differentiable: second derivatives
         fwd_solve = lambda *a, **o: _differentiated_by_backprop(forward, field, cfg, **o)(*a)
-        bwd_solve = lambda *a: _differentiated_by_backprop(backward, field, cfg)(*a)
+        bwd_solve = lambda *a: _differentiated_by_backprop(_backsolve, field, cfg)(*a)
 
     @jax.custom_vjp
     def _solve(y0, ts, diff, nondiff, controls, adjoint_tols):
@@ -215,7 +219,7 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
     def _bwd(residuals, cotangents):
         ys, ts, diff, nondiff, controls, adjoint_tols, bwd_controls, fwd_status = residuals
         ct_ys, _, ct_dense = cotangents
-        ct_y0, ct_ts, ct_diff, info = bwd_solve(ys, ts, diff, nondiff, ct_ys, bwd_controls)
+        ct_y0, ct_ts, ct_diff, info = bwd_solve(ys, ts, diff, nondiff, ct_ys, controls, bwd_controls)
         # a failed forward solve (NaN outputs) fails the backward one: report the forward's cause
         fwd_status = jnp.max(fwd_status)
         status = jnp.where(fwd_status != errors.SUCCESS, fwd_status, jnp.max(info.status))
@@ -240,6 +244,15 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
         return _as_solution(_solve(*args))
     many = lambda *args: _solve_batched(field, cfg, *args)
     return _as_solution(_shared_parameters_under_vmap(_solve, many, args))
+
+
+def _backsolve(field, ys, ts, diff, nondiff, ct_ys, controls, bwd_controls, cfg, **options):
+    """``backward`` with the forward ``controls`` unused (the signature of the interpolating one)."""
+    return backward(field, ys, ts, diff, nondiff, ct_ys, bwd_controls, cfg, **options)
+
+
+def _backsolve_batched(field, ys, ts, diff, nondiff, ct_ys, controls, bwd_controls, cfg):
+    return backward_batched(field, ys, ts, diff, nondiff, ct_ys, bwd_controls, cfg)
 
 
 def _as_solution(out) -> Solution:
@@ -386,13 +399,14 @@ def _shared_jvp(one, many, primals, tangents):
 
 _SECOND_DERIVATIVES = (
     "jaxode: second derivatives (jax.hessian, jax.grad of jax.grad) of the adjoint with "
-    "batched=True are not supported: use gradient=\"backprop\" (or the adjoint without batched)"
+    "batched=True or with the interpolating adjoint are not supported: use gradient=\"backprop\" "
+    "(or the backsolve adjoint without batched)"
 )
 
 
 def _not_differentiable(fn: Callable) -> Callable:
     """``fn``, refusing to be differentiated itself with a message naming the alternative
-    (the batched backward solve runs a ``lax.while_loop``)."""
+    (the batched and the interpolating backward solves run ``lax.while_loop``s)."""
 
     @jax.custom_jvp
     def run(*args):

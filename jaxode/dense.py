@@ -60,10 +60,10 @@ class DenseSolution(eqx.Module):
         """The solution at ``t`` (see the class docstring)."""
         t = jnp.asarray(t)
         if self.batched:
-            one = lambda steps, t0, t1: _evaluate(steps, t0, t1, self.direction, self.method, t)
+            one = lambda steps, t0, t1: evaluate_steps(steps, t0, t1, self.direction, self.method, t)
             flat = jax.vmap(one)(self.steps, self.t0, self.t1)  # (B,) + S + (n,)
             return jax.vmap(lambda y: self._unravel_all(y, t.shape))(flat)
-        flat = _evaluate(self.steps, self.t0, self.t1, self.direction, self.method, t)
+        flat = evaluate_steps(self.steps, self.t0, self.t1, self.direction, self.method, t)
         return self._unravel_all(flat, t.shape)
 
     def _unravel_all(self, flat, shape) -> Any:
@@ -72,8 +72,9 @@ class DenseSolution(eqx.Module):
         return jax.tree_util.tree_map(lambda x: x.reshape(shape + x.shape[1:]), tree)
 
 
-def _evaluate(steps: DenseSteps, t0, t1, direction, method: Method, t) -> Array:
-    """The flat solution ``S + (n,)`` at the times ``t`` (shape ``S``)."""
+def evaluate_steps(steps: DenseSteps, t0, t1, direction, method: Method, t) -> Array:
+    """The flat solution ``S + (n,)`` at the times ``t`` (shape ``S``) from the dense ``steps``
+    of a solve from ``t0`` to ``t1`` (NaN outside)."""
     s = direction * t.astype(steps.t.dtype)
     s0, s1 = direction * t0, direction * t1
 

@@ -382,8 +382,12 @@ class Loop:
         new, at = self.attempt(state, self.s_ts[-1])
         in_step = at.accept & (self.s_ts[jnp.minimum(i, self.num_out - 1)] <= at.t_new)
         new, coeffs = self.lazy_coefficients(new, at, in_step | (at.accept if self.save_dense else False))
-        write = write_masked if self.differentiable else write_while  # transposable, or cheaper
-        ys, i_out = write(new.ys, i, self.s_ts, at.accept, at, coeffs, self.method)
+        if new.ys is None:  # only the outputs passed
+            inside = at.accept & (self.s_ts > at.t) & (self.s_ts <= at.t_new)
+            ys, i_out = None, i + jnp.sum(inside).astype(int_)
+        else:
+            write = write_masked if self.differentiable else write_while  # transposable, or cheaper
+            ys, i_out = write(new.ys, i, self.s_ts, at.accept, at, coeffs, self.method)
         if self.save_dense:
             new = new._replace(dense=self._write_dense(state, new, at, coeffs))
         return new._replace(ys=ys, i_out=i_out), at.record

@@ -13,7 +13,7 @@ import numpy as np
 from jax import Array
 from jax.flatten_util import ravel_pytree
 
-from . import adjoint, errors
+from . import adjoint, errors, interpolated_adjoint
 from .control import error_dtype
 from .dense import DenseSolution
 from .forward import Config, Controls, forward, forward_batched
@@ -134,6 +134,7 @@ def odesolve(
     jump_ts: Array | None = None,
     dense: bool = False,
     progress: bool = False,
+    adjoint_interpolate: bool | None = None,
 ):
     """Solves ``dz/dt = f(z, t, params)``, ``z(ts[0]) = z0`` and returns ``z`` at every ``ts``.
 
@@ -199,6 +200,15 @@ def odesolve(
         progress: show a tqdm progress bar of the solve's time, updated from inside the
             compiled loop a few hundred times per solve at most (default ``False``: nothing
             of it is compiled).
+        adjoint_interpolate: the adjoint's backward solve reads ``z`` off the forward
+            solution (re-solved forwards on each output interval from the stored output,
+            its interpolants kept) instead of integrating ``z`` backwards, and integrates the
+            parameter adjoint as a quadrature along the steps (see
+            ``jaxode.interpolated_adjoint``). Needed where ``z`` cannot be integrated backwards
+            (stiff problems: the default for implicit methods); for an explicit method it
+            costs one more forward solve and gives gradients whose error does not grow
+            backwards. Memory: the steps of one output interval (at most ``max_steps``).
+            Default ``None``: ``True`` for implicit methods, ``False`` for explicit ones.
 
     Returns:
         ``ys``, with the structure of ``z0`` and each leaf given a leading axis of length
@@ -225,7 +235,7 @@ def odesolve(
         solver=solver, rtol=rtol, atol=atol, dt0=dt0, max_steps=max_steps, gradient=gradient,
         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_seminorm=adjoint_seminorm,
         batched=batched, throw=throw, full_output=full_output, max_dt=max_dt, jump_ts=jump_ts,
-        dense=dense, progress=progress,
+        dense=dense, progress=progress, adjoint_interpolate=adjoint_interpolate,
     )
     z0, ts = _checked_inputs(z0, ts)
     checked = all(errors.is_concrete(x) for x in (ts, rtol, atol, *jax.tree_util.tree_leaves(z0)))
@@ -235,7 +245,7 @@ def odesolve(
 
 def _config(opts: Options) -> Config:
     return Config(opts.method, opts.max_steps, opts.adjoint_seminorm, opts.throw, opts.batched,
-                  opts.dense, opts.progress)
+                  opts.dense, opts.progress, opts.interpolate)
 
 
 def _checked_inputs(z0, ts):
@@ -384,7 +394,12 @@ def _backward_info(f, z0, ts, params, cotangent, arrays, cfg: Config):
         rtol=_as(adjoint_rtol, pb.rtol.dtype, pb.rtol), atol=_as(adjoint_atol, pb.atol.dtype, pb.atol),
         dt0=sol.last_step if cfg.method.adaptive else pb.dt0,
     )
-    ct_y0, ct_ts, _, bwd_info = backward(pb.field, ys, pb.ts, pb.diff, pb.nondiff, ct, bwd_controls, cfg)
+    args = (pb.field, ys, pb.ts, pb.diff, pb.nondiff, ct)
+    if cfg.interpolate:
+        interpolated = interpolated_adjoint.backward_batched if cfg.batched else interpolated_adjoint.backward
+        ct_y0, ct_ts, _, bwd_info = interpolated(*args, controls, bwd_controls, cfg)
+    else:
+        ct_y0, ct_ts, _, bwd_info = backward(*args, bwd_controls, cfg)
     out = (ct_y0, ct_ts), (fwd_info, bwd_info)
     if cfg.throw:  # like odesolve: a failed solve raises, also when only the infos are used
         fwd_status, bwd_status = jnp.max(fwd_info.status), jnp.max(bwd_info.status)

@@ -52,6 +52,8 @@ class Options:
         jump_ts: times at which the field is discontinuous (default ``None``).
         dense: also return a ``DenseSolution`` (default ``False``).
         progress: show a progress bar of the solve's time (default ``False``; needs tqdm).
+        adjoint_interpolate: the adjoint reads ``z`` off the forward solution instead of
+            integrating it backwards (default ``None``: for implicit methods only).
     """
 
     solver: str | ButcherTableau | Method = "tsit5"
@@ -70,6 +72,7 @@ class Options:
     jump_ts: Any = None
     dense: bool = False
     progress: bool = False
+    adjoint_interpolate: bool | None = None
 
     def __post_init__(self):
         if self.gradient not in MODES:
@@ -85,12 +88,22 @@ class Options:
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
             object.__setattr__(self, name, bool(value))
+        if self.adjoint_interpolate not in (None, True, False):
+            raise TypeError(
+                f"adjoint_interpolate must be None, True or False, got {self.adjoint_interpolate!r}"
+            )
         object.__setattr__(self, "max_steps", int(self.max_steps))
         if self.progress:
             try:
                 import tqdm  # noqa: F401
             except ImportError:
                 raise ImportError("progress=True needs tqdm: pip install tqdm") from None
+
+    @property
+    def interpolate(self) -> bool:
+        """Whether the adjoint is the interpolating one (``adjoint_interpolate``, or by default
+        whether the method is implicit)."""
+        return self.method.implicit if self.adjoint_interpolate is None else bool(self.adjoint_interpolate)
 
     @property
     def method(self) -> Method:

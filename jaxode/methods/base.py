@@ -90,6 +90,9 @@ class Method(abc.ABC):
         num_stages: field evaluations per step, roughly: sizes the backprop driver's blocks.
         interpolant_nfe: field evaluations that ``interpolant`` costs.
         quadrature_weights: the weights of ``StepResult.nodes``.
+        implicit: whether the method solves with the field's Jacobian (a stiff method): then
+            the adjoint reads ``z`` off the forward solution (``jaxode.interpolated_adjoint``)
+            instead of integrating it backwards.
     """
 
     name: str
@@ -99,6 +102,7 @@ class Method(abc.ABC):
     num_stages: int
     interpolant_nfe: int
     quadrature_weights: tuple[float, ...]
+    implicit: bool = False
 
     def init(self, field: Field, t0: Array, y0: Array, f0: Array) -> Any:
         """The method's carry at the start (default: none)."""
