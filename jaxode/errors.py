@@ -183,29 +183,34 @@ _ORDER_HINT = (
 )
 
 
-def check_output(f, z0, t, params) -> None:
-    """Checks at trace time that ``f(z0, t, params)`` matches ``z0``'s structure, shapes, dtypes."""
+def check_output(f, z0, t, params, who: str = "") -> None:
+    """Checks at trace time that ``f(z0, t, params)`` matches ``z0``'s structure, shapes, dtypes;
+    ``who`` (e.g. ``"NeuralODE: "``) prefixes the messages. A ``ValueError`` raised by ``f``
+    itself stays one (the fields of ``jaxode.nn`` name a wrong state size so)."""
+    shapes = jax.tree_util.tree_map(lambda x: tuple(jnp.shape(x)), z0)
     try:
         out = eqx.filter_eval_shape(f, z0, t, params)
     except Exception as e:
-        raise TypeError(
-            f"calling the vector field failed: {type(e).__name__}: {e}\n{_ORDER_HINT}"
-        ) from e
+        kind = ValueError if isinstance(e, ValueError) else TypeError
+        failure = f"{type(e).__name__}: {e}"
+        message = f"{who}the vector field failed on a state of shape {shapes}: {failure}"
+        raise kind(f"{message}\n{_ORDER_HINT}") from e
     s_in, s_out = jax.tree_util.tree_structure(z0), jax.tree_util.tree_structure(out)
     if s_in != s_out:
         hint = _ORDER_HINT
         if isinstance(z0, (list, tuple)) and s_out == jax.tree_util.tree_structure(0):
             hint = "z0 is a Python list or tuple (a pytree of scalars): pass jnp.asarray(z0)"
         raise ValueError(
-            f"f(z, t, params) must return the structure of z0: expected {s_in}, got {s_out}; {hint}"
+            f"{who}f(z, t, params) must return the structure of z0: expected {s_in}, got {s_out}; {hint}"
         )
     for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(z0), jax.tree_util.tree_leaves(out))):
         a = jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
         if a.shape != b.shape:
-            raise ValueError(f"f(z, t, params) must return arrays shaped like z0: leaf {i} has "
-                             f"shape {a.shape} in z0 but {b.shape} in f's output; {_ORDER_HINT}")
+            raise ValueError(f"{who}the vector field maps a state of shape {a.shape} to an output of shape "
+                             f"{b.shape} (leaf {i}): f(z, t, params) must return arrays shaped like z0; "
+                             f"{_ORDER_HINT}")
         if a.dtype != b.dtype:
-            raise TypeError(f"f(z, t, params) must return the dtypes of z0: leaf {i} is "
+            raise TypeError(f"{who}f(z, t, params) must return the dtypes of z0: leaf {i} is "
                             f"{a.dtype} in z0 but {b.dtype} in f's output")
 
 

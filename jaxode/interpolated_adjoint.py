@@ -6,11 +6,14 @@ like ``e^{λt}`` backwards (with ``λ = 1e3`` over one time unit, by ``e^{1000}`
 never integrated backwards. On each output interval ``[t_{i-1}, t_i]``, last to first:
 
 1. ``z`` is re-solved forwards from the stored ``ys[i-1]`` to ``t_i`` (same method and
-   tolerances), keeping every accepted step's interpolant: memory grows with the steps of one
-   interval (at most ``max_steps``), not of the whole solve;
-2. ``a' = -a·∂f/∂z(z(t), t)`` is solved backwards from ``a(t_i) = a(t_i⁺) + ∂L/∂ys[i]`` to
-   ``t_{i-1}`` with the same method, ``z(t)`` read off those interpolants. Its Jacobian,
-   ``-(∂f/∂z)ᵀ``, is ``n × n``: what an implicit method factorises;
+   tolerances), keeping a checkpoint ``(t, z, h)`` every ``_SEGMENT`` (32) accepted steps;
+2. segment by segment, last to first: ``z`` is re-solved from the segment's checkpoint,
+   keeping its steps' interpolants (at most ``4 · _SEGMENT`` steps), and
+   ``a' = -a·∂f/∂z(z(t), t)`` is solved backwards over the segment, from
+   ``a(t_i) = a(t_i⁺) + ∂L/∂ys[i]`` at the interval's end, with the same method, ``z(t)``
+   read off those interpolants. Its Jacobian, ``-(∂f/∂z)ᵀ``, is ``n × n``: what an implicit
+   method factorises. Memory: ``max_steps / 32`` checkpoints and 128 steps' interpolants,
+   whatever the number of steps;
 3. the parameter and time adjoints, ``a_θ = ∫ a·∂f/∂θ dt`` and ``a_t = -∫ a·∂f/∂t dt``
    (backwards), are quadratures on each accepted step's nodes with the method's weights
    (``Method.quadrature_weights``: for a Runge–Kutta method exactly the update the augmented
@@ -21,11 +24,13 @@ never integrated backwards. On each output interval ``[t_{i-1}, t_i]``, last to 
 Then ``∂L/∂z0 = a(t_0)``, ``∂L/∂θ = a_θ(t_0)``, and ``∂L/∂ts`` as in ``jaxode.adjoint``. The
 gradient is that of the continuous adjoint, as accurate as the re-solved ``z`` and the
 backward solve's tolerances allow; unlike the backsolve adjoint, errors in ``z`` do not grow
-backwards. Cost: every interval is solved forwards twice (once in the forward pass), and each
-backward step takes one more ``jax.vjp`` of ``f`` per node for the quadratures.
+backwards. Cost: every interval is solved forwards three times (once in the forward pass), and
+each backward step takes one more ``jax.vjp`` of ``f`` per node for the quadratures.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +58,6 @@ def backward(
     dtype = ys.dtype
     method = cfg.method
     weights = jnp.asarray(method.quadrature_weights, dtype)
-    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(ts.dtype)
     ct_ys = ct_ys.astype(dtype)
     dt0 = None if method.adaptive else controls.dt0
     options = dict(method=method, max_steps=cfg.max_steps, max_dt=controls.max_dt, jump_ts=controls.jump_ts)
@@ -62,51 +66,23 @@ def backward(
         return field(z, t, unravel(th), nondiff)
 
     def interval(carry, i):
+        """The backward solve over ``[t_{i-1}, t_i]``, its segments last to first."""
         a, ct_theta, ct_time, info = carry
         span = jnp.stack([ts[i - 1], ts[i]])
-        resolve = integrate(lambda z, t: f(z, t, theta), ys[i - 1], span, controls.rtol, controls.atol, dt0,
-                            driver="flat", save_outputs=False, save_dense=True, **options)
+        fz = lambda z, t: f(z, t, theta)
+        slots, count, first = _checkpoints(fz, ys[i - 1], span, controls, dt0, options)
+        info = _add(info, first, first.status)
 
-        def z_at(t):
-            return evaluate_steps(resolve.dense, ts[i - 1], direction * resolve.t, direction, method, t)
+        def segment(j, carry):
+            a, ct_theta, ct_time, info = carry
+            k = count - 1 - j
+            t_end = jnp.where(k + 1 < count, slots.t[jnp.minimum(k + 1, slots.t.shape[0] - 1)], ts[i])
+            a, d_theta, d_time, seg_info = _segment(f, theta, slots.t[k], slots.y[k], slots.h[k], t_end, a,
+                                                    controls, bwd_controls, weights, options)
+            return a, ct_theta + d_theta, ct_time + d_time, _add(info, seg_info, seg_info.status, ts[i - 1])
 
-        def adjoint_field(a, t):
-            _, vjp = jax.vjp(lambda z: f(z, t, theta), z_at(t))
-            return -vjp(a)[0]
-
-        tols = (bwd_controls.rtol, bwd_controls.atol)
-        loop = Loop(adjoint_field, a + ct_ys[i], span[::-1], *tols, dt0, save_outputs=False, **options)
-
-        def quadratures(record, counted):
-            """``-h Σ_j w_j a_j·∂f/∂(θ, t)(z(t_j), t_j)`` over the step's nodes, if ``counted``."""
-            z = jax.vmap(z_at)(record.times)
-            at_nodes = lambda th, tt: jax.vmap(lambda zj, tj: f(zj, tj, th))(z, tt)
-            _, vjp = jax.vjp(at_nodes, theta, record.times)
-            cotangent = jnp.where(counted, -(record.h * weights)[:, None] * record.inputs, 0)
-            d_theta, d_times = vjp(cotangent.astype(dtype))
-            return d_theta, jnp.sum(d_times)
-
-        def body(c):
-            state, acc_theta, acc_time = c
-            new, record = loop.step(state)
-            d_theta, d_time = quadratures(record, new.num_accepted > state.num_accepted)
-            return new, acc_theta + d_theta, acc_time + d_time
-
-        init = (loop.init(), jnp.zeros_like(theta), jnp.zeros((), ts.dtype))
-        state, d_theta, d_time = lax.while_loop(lambda c: loop.running(c[0]), body, init)
-        state = loop.finish(state)
-        failed = jnp.where(resolve.status != errors.SUCCESS, resolve.status, state.status)
-        quadrature_nfe = len(method.quadrature_weights) * state.num_accepted
-        info = info._replace(
-            num_steps=info.num_steps + state.num_accepted + state.num_rejected,
-            num_accepted=info.num_accepted + state.num_accepted,
-            num_rejected=info.num_rejected + state.num_rejected,
-            nfe=info.nfe + state.nfe + resolve.nfe + quadrature_nfe,
-            num_jacobians=info.num_jacobians + state.num_jacobians + resolve.num_jacobians,
-            status=jnp.where(info.status != errors.SUCCESS, info.status, failed),
-            final_time=jnp.where(failed != errors.SUCCESS, info.final_time, ts[i - 1]),
-        )
-        return (state.y, ct_theta + d_theta, ct_time + d_time, info), None
+        carry = lax.fori_loop(0, count, segment, (a + ct_ys[i], ct_theta, ct_time, info))
+        return carry, None
 
     zero = jnp.zeros((), jnp.int32)
     info = Info(zero, zero, zero, zero, zero, zero, ts[-1])
@@ -117,6 +93,111 @@ def backward(
     ct_ts = jnp.concatenate([(ct_time - jnp.sum(ct_t))[None], ct_t]).astype(ts.dtype)
     ct_y0 = a + ct_ys[0]
     return ct_y0, ct_ts, unravel(ct_theta), info._replace(final_time=lax.stop_gradient(info.final_time))
+
+
+_SEGMENT = 32  # accepted steps between the checkpoints of an interval's first re-solve
+
+
+class _Slots(NamedTuple):
+    """Checkpoints of a re-solve: real time, state, next step size; ``(C,)``, ``(C, n)``, ``(C,)``."""
+
+    t: jax.Array
+    y: jax.Array
+    h: jax.Array
+
+
+def _checkpoints(fz, y0, span, controls: Controls, dt0, options) -> tuple[_Slots, jax.Array, Info]:
+    """Solves ``z`` over ``span`` from ``y0``, keeping ``(t, z, h)`` at its start and after
+    every ``_SEGMENT``-th accepted step: ``(slots, count, info)``."""
+    loop = Loop(fz, y0, span, controls.rtol, controls.atol, dt0, save_outputs=False, **options)
+    capacity = -(-options["max_steps"] // _SEGMENT) + 1
+    state = loop.init()
+    slots = _Slots(jnp.zeros(capacity, span.dtype).at[0].set(span[0]),
+                   jnp.zeros((capacity,) + y0.shape, y0.dtype).at[0].set(y0),
+                   jnp.zeros(capacity, state.h.dtype).at[0].set(state.h))
+
+    def body(c):
+        state, slots, count = c
+        new, _ = loop.step(state)
+        due = (new.num_accepted > state.num_accepted) & (new.num_accepted % _SEGMENT == 0) & loop.running(new)
+        k = jnp.minimum(count, capacity - 1)
+        put = lambda buf, x: buf.at[k].set(jnp.where(due, x, buf[k]))
+        slots = _Slots(put(slots.t, loop.direction * new.t), put(slots.y, new.y), put(slots.h, new.h))
+        return new, slots, count + due.astype(jnp.int32)
+
+    init = (state, slots, jnp.ones((), jnp.int32))
+    state, slots, count = lax.while_loop(lambda c: loop.running(c[0]), body, init)
+    state = loop.finish(state)
+    return slots, count, _info(state, loop.direction)
+
+
+def _segment(f, theta, t0, y0, h0, t1, a1, controls: Controls, bwd_controls: Controls, weights, options):
+    """One segment ``[t0, t1]``: re-solves ``z`` from ``(t0, y0)`` (first step ``h0``) keeping its
+    interpolants (at most ``4 _SEGMENT`` steps), then solves ``a`` back from ``a(t1) = a1``:
+    ``(a(t0), ∂L/∂θ part, ∂L/∂t part, info)``."""
+    method = options["method"]
+    span = jnp.stack([t0, t1])
+    local = dict(options, max_steps=4 * _SEGMENT)
+    dt0 = h0 if method.adaptive else controls.dt0
+    resolve = integrate(lambda z, t: f(z, t, theta), y0, span, controls.rtol, controls.atol, dt0,
+                        driver="flat", save_outputs=False, save_dense=True, **local)
+    direction = jnp.where(t1 >= t0, 1, -1).astype(span.dtype)
+
+    def z_at(t):
+        return evaluate_steps(resolve.dense, t0, direction * resolve.t, direction, method, t)
+
+    def adjoint_field(a, t):
+        _, vjp = jax.vjp(lambda z: f(z, t, theta), z_at(t))
+        return -vjp(a)[0]
+
+    dt0 = None if method.adaptive else controls.dt0
+    loop = Loop(adjoint_field, a1, span[::-1], bwd_controls.rtol, bwd_controls.atol, dt0, save_outputs=False,
+                **options)
+
+    def quadratures(record, counted):
+        """``-h Σ_j w_j a_j·∂f/∂(θ, t)(z(t_j), t_j)`` over the step's nodes, if ``counted``."""
+        z = jax.vmap(z_at)(record.times)
+        at_nodes = lambda th, tt: jax.vmap(lambda zj, tj: f(zj, tj, th))(z, tt)
+        _, vjp = jax.vjp(at_nodes, theta, record.times)
+        cotangent = jnp.where(counted, -(record.h * weights)[:, None] * record.inputs, 0)
+        d_theta, d_times = vjp(cotangent.astype(a1.dtype))
+        return d_theta, jnp.sum(d_times)
+
+    def body(c):
+        state, acc_theta, acc_time = c
+        new, record = loop.step(state)
+        d_theta, d_time = quadratures(record, new.num_accepted > state.num_accepted)
+        return new, acc_theta + d_theta, acc_time + d_time
+
+    init = (loop.init(), jnp.zeros_like(theta), jnp.zeros((), span.dtype))
+    state, d_theta, d_time = lax.while_loop(lambda c: loop.running(c[0]), body, init)
+    state = loop.finish(state)
+    info = _info(state, loop.direction)
+    quadrature_nfe = len(weights) * state.num_accepted
+    info = info._replace(nfe=info.nfe + resolve.nfe + quadrature_nfe,
+                         num_jacobians=info.num_jacobians + resolve.num_jacobians)
+    status = jnp.where(resolve.status != errors.SUCCESS, resolve.status, state.status)
+    return state.y, d_theta, d_time, info._replace(status=status)
+
+
+def _info(state, direction) -> Info:
+    return Info(state.num_accepted + state.num_rejected, state.num_accepted, state.num_rejected, state.nfe,
+                state.status, state.num_jacobians, direction * state.t)
+
+
+def _add(total: Info, part: Info, status, reached=None) -> Info:
+    """``total`` with ``part``'s counts added (the steps counted only for the backward solves:
+    ``reached`` is given), its first failure kept, and the time the backward solve reached."""
+    steps = (part.num_steps, part.num_accepted, part.num_rejected) if reached is not None else (0, 0, 0)
+    failed = total.status != errors.SUCCESS
+    return total._replace(
+        num_steps=total.num_steps + steps[0], num_accepted=total.num_accepted + steps[1],
+        num_rejected=total.num_rejected + steps[2], nfe=total.nfe + part.nfe,
+        num_jacobians=total.num_jacobians + part.num_jacobians,
+        status=jnp.where(failed, total.status, status),
+        final_time=(total.final_time if reached is None
+                    else jnp.where(failed | (status != 0), total.final_time, part.final_time)),
+    )
 
 
 def backward_batched(

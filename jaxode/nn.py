@@ -432,9 +432,10 @@ class NeuralODE(eqx.Module):
         if opts.batched:
             if any(jnp.ndim(x) < 1 for x in leaves):
                 raise ValueError("NeuralODE(batched=True): z0's leaves need a leading batch axis")
-            self._check_field(jax.tree_util.tree_map(lambda x: x[0], z0), times[0])
+            first = jax.tree_util.tree_map(lambda x: x[0], z0)
+            errors.check_output(self.field, first, times[0], None, "NeuralODE: ")
         else:
-            self._check_field(z0, times[0])
+            errors.check_output(self.field, z0, times[0], None, "NeuralODE: ")
         overrides = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
         options = {**opts.as_dict(), **overrides, "full_output": True}
         ys, info = odesolve(self.field, z0, times, None, **options)

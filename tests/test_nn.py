@@ -383,7 +383,7 @@ def test_field_raising_other_errors_is_reported_with_state_shape():
     def bad(z, t, params):
         return w @ z  # (3, 3) @ (2,): a shape error inside the field
 
-    with pytest.raises(ValueError, match=r"the field failed on a state of shape \(2,\)"):
+    with pytest.raises(TypeError, match=r"NeuralODE: the vector field failed on a state of shape \(2,\)"):
         NeuralODE(bad, ts=TS)(Z0)
 
 
