@@ -122,7 +122,7 @@ class RosenbrockTableau:
         s = len(self.alpha)
         for label, rows in (("a", self.a), ("c", self.c)):
             if len(rows) != s - 1 or any(len(row) != i + 1 for i, row in enumerate(rows)):
-                raise ValueError(f"tableau {self.name!r}: {label} must have {s - 1} rows, row i holding i + 1")
+                raise ValueError(f"tableau {self.name!r}: {label} needs {s - 1} rows, row i holding i + 1")
         for label in ("gamma_sum", "m", "m_error"):
             if len(getattr(self, label)) != s:
                 raise ValueError(f"tableau {self.name!r}: {label} must have {s} entries")
