@@ -248,6 +248,16 @@ def derivatives(field: Field, t, y) -> tuple[Array, Array]:
     return columns[:n].T, columns[n]
 
 
+SIMPSON_WEIGHTS = (1 / 6, 2 / 3, 1 / 6)
+
+
+def simpson_nodes(t, y, h, t_end, coefficients, y_new) -> tuple[Array, Array]:
+    """The nodes of Simpson's rule on a step, ``(y, y(t + h/2), y_new)`` ``(3, n)`` at
+    ``(t, t + h/2, t_end)``, the midpoint from the dense output ``coefficients``."""
+    t_mid = jnp.minimum(t + 0.5 * h, t_end)
+    return jnp.stack([y, evaluate(y, coefficients, 0.5), y_new]), jnp.stack([t, t_mid, t_end])
+
+
 @dataclasses.dataclass(frozen=True)
 class Rosenbrock(Method):
     """The ``Method`` of a Rosenbrock tableau (see the module docstring)."""
@@ -256,7 +266,7 @@ class Rosenbrock(Method):
 
     adaptive = True
     interpolant_nfe = 0
-    quadrature_weights = (1 / 6, 2 / 3, 1 / 6)
+    quadrature_weights = SIMPSON_WEIGHTS
     name = property(lambda self: self.tableau.name)
     order = property(lambda self: self.tableau.order)
     error_order = property(lambda self: self.tableau.error_order)
@@ -265,6 +275,10 @@ class Rosenbrock(Method):
     def step(self, field: Field, t, y, h, f0, state, t_end) -> StepResult:
         """One step: the Jacobian and ``f_t`` at ``(y, t)``, one LU, ``s`` stages; ``dense``
         holds the interpolant's coefficients ``(degree, n)``."""
+        return self.step_with_jacobian(field, t, y, h, f0, state, t_end)[0]
+
+    def step_with_jacobian(self, field: Field, t, y, h, f0, state, t_end) -> tuple[StepResult, Array]:
+        """``step``, and the Jacobian ``∂f/∂y (y, t)`` it used (for a stiffness estimate)."""
         tab = self.tableau
         h_y = jnp.asarray(h).astype(y.dtype)
         gh = tab.gamma * h_y
@@ -291,9 +305,8 @@ class Rosenbrock(Method):
         edtype = control.error_dtype(y.dtype)
         error = weighted_sum(tab.m_error, [u.astype(edtype) for u in us])
         coefficients = jnp.stack([weighted_sum(row, us) for row in tab.dense])
-        t_mid = jnp.minimum(t + 0.5 * h, t_end)
-        nodes = (jnp.stack([y, evaluate(y, coefficients, 0.5), y_new]), jnp.stack([t, t_mid, t_end]))
-        return StepResult(y_new, f_new, error, coefficients, nodes, nfe, 1, state)
+        nodes = simpson_nodes(t, y, h, t_end, coefficients, y_new)
+        return StepResult(y_new, f_new, error, coefficients, nodes, nfe, 1, state), jac
 
     def interpolant(self, field: Field, t, y, h, dense, y_new, f_new) -> Array:
         """The coefficients computed by ``step`` (no evaluations)."""
