@@ -274,37 +274,39 @@ class Rosenbrock(Method):
 
     def step(self, field: Field, t, y, h, f0, state, t_end) -> StepResult:
         """One step: the Jacobian and ``f_t`` at ``(y, t)``, one LU, ``s`` stages; ``dense``
-        holds the interpolant's coefficients ``(degree, n)``."""
+        holds the interpolant's coefficients ``(degree, n)``. The stage increments and the
+        linear algebra are in ``control.error_dtype`` (the state's dtype, at least float32),
+        the stages' states in the state's dtype."""
         return self.step_with_jacobian(field, t, y, h, f0, state, t_end)[0]
 
     def step_with_jacobian(self, field: Field, t, y, h, f0, state, t_end) -> tuple[StepResult, Array]:
         """``step``, and the Jacobian ``∂f/∂y (y, t)`` it used (for a stiffness estimate)."""
         tab = self.tableau
-        h_y = jnp.asarray(h).astype(y.dtype)
-        gh = tab.gamma * h_y
-        jac, f_t = derivatives(field, t, y)
-        lu = lu_factor(jnp.eye(y.shape[0], dtype=y.dtype) - gh * jac)
+        ld = control.error_dtype(y.dtype)  # linear algebra in at least float32 (no float16 LU)
+        y_l, h_l = y.astype(ld), jnp.asarray(h).astype(ld)
+        gh = tab.gamma * h_l
+        jac, f_t = (x.astype(ld) for x in derivatives(field, t, y))
+        lu = lu_factor(jnp.eye(y.shape[0], dtype=ld) - gh * jac)
         times = [t_end if al == 1 else jnp.minimum(t + al * h, t_end) for al in tab.alpha]
         us = []
         f_i = f0
         for i in range(tab.num_stages):
             if i > 0:
-                y_i = y + weighted_sum(tab.a[i - 1], us)
+                y_i = (y_l + weighted_sum(tab.a[i - 1], us)).astype(y.dtype)
                 f_i = field(y_i, times[i])
-            rhs = gh * f_i
+            rhs = gh * f_i.astype(ld)
             if i > 0 and any(tab.c[i - 1]):
                 rhs = rhs + tab.gamma * weighted_sum(tab.c[i - 1], us)
             if tab.gamma_sum[i] != 0:
-                rhs = rhs + (tab.gamma * tab.gamma_sum[i]) * h_y**2 * f_t
+                rhs = rhs + (tab.gamma * tab.gamma_sum[i]) * h_l**2 * f_t
             us.append(lu_solve(lu, rhs))
         if tab.fsal:
             y_new, f_new, nfe = y_i, f_i, tab.num_stages - 1
         else:
-            y_new = y + weighted_sum(tab.m, us)
+            y_new = (y_l + weighted_sum(tab.m, us)).astype(y.dtype)
             f_new, nfe = field(y_new, t_end), tab.num_stages
-        edtype = control.error_dtype(y.dtype)
-        error = weighted_sum(tab.m_error, [u.astype(edtype) for u in us])
-        coefficients = jnp.stack([weighted_sum(row, us) for row in tab.dense])
+        error = weighted_sum(tab.m_error, us)  # in control.error_dtype, as the loop expects
+        coefficients = jnp.stack([weighted_sum(row, us) for row in tab.dense]).astype(y.dtype)
         nodes = simpson_nodes(t, y, h, t_end, coefficients, y_new)
         return StepResult(y_new, f_new, error, coefficients, nodes, nfe, 1, state), jac
 
