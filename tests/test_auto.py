@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from grad_utils import PARAMS, TS, Z0, central_difference, forced_oscillator, relative_error, weighted_loss
 from test_rosenbrock import A_STIFF, _manufactured, _radau, _van_der_pol, _vdp_numpy
 
 import jaxode
@@ -126,3 +127,17 @@ def test_validation():
         AutoSwitch(METHODS["dopri5"], METHODS["rosenbrock23"])
     with pytest.raises(ValueError, match="first-same-as-last"):
         AutoSwitch(METHODS["dopri8"], METHODS["rodas5p"])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_adjoint_non_stiff(batched):
+    """The adjoint (plain, and batched with its Simpson quadrature) through auto on a non-stiff
+    problem, against central differences."""
+    z0 = jnp.stack([Z0, -Z0]) if batched else Z0
+
+    def loss(params):
+        ys = jaxode.odesolve(forced_oscillator, z0, TS, params, solver="auto", rtol=1e-10, atol=1e-10,
+                             batched=batched)
+        return jnp.sum(jax.vmap(weighted_loss)(ys)) if batched else weighted_loss(ys)
+
+    assert relative_error(jax.grad(loss)(PARAMS), central_difference(loss, PARAMS, eps=1e-5)) < 1e-6
