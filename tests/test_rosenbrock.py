@@ -270,8 +270,11 @@ def test_gradient_stiff_linear_against_expm(gradient):
     np.testing.assert_allclose(float(g_s), w @ E @ (A_STIFF * T) @ Z0_STIFF, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("gradient", ["backprop", "checkpoint", "adjoint"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name, gradient",
+    [("rodas5p", "backprop"), ("rodas5p", "checkpoint"), ("rodas5p", "adjoint"),
+     ("rosenbrock23", "backprop")],
+)
 def test_gradient_against_finite_differences(name, gradient):
     """A nonlinear, non-autonomous field with dict parameters (∂f/∂t, second derivatives
     through the Jacobian and the LU solves): every mode against float64 central differences."""
