@@ -407,3 +407,16 @@ def test_dense_solution_between_outputs(name):
     values = np.stack([np.asarray(sol(t)) for t in t_eval])
     bound = 1e-7 if name == "rodas5p" else 2e-5  # measured 1.0e-8 and 3.4e-6
     np.testing.assert_allclose(values, _expm_at(t_eval), atol=bound)
+
+
+def test_blow_up_fails_loudly():
+    """``z' = z²`` from 1 blows up at t = 1: with ``throw=False`` the status says so and the
+    outputs past it are NaN; with ``throw=True`` the solve raises."""
+    square = lambda z, t, p: z**2
+    ys, info = jaxode.odesolve(square, jnp.array([1.0]), jnp.array([0.0, 0.5, 2.0]), solver="rodas5p",
+                               throw=False, full_output=True)
+    assert int(info.status) != 0
+    np.testing.assert_allclose(float(ys[1, 0]), 2.0, rtol=1e-5)
+    assert np.isnan(float(ys[2, 0]))
+    with pytest.raises(Exception, match="jaxode"):
+        jaxode.odesolve(square, jnp.array([1.0]), jnp.array([0.0, 0.5, 2.0]), solver="rodas5p")
