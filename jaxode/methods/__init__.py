@@ -6,13 +6,20 @@
 
 from __future__ import annotations
 
+from .auto import AutoSwitch
 from .base import Method, StepResult
 from .explicit import ExplicitRK
+from .rosenbrock import ROSENBROCK_TABLEAUS, Rosenbrock
 from .tableaus import SOLVERS, ButcherTableau
 
-__all__ = ["METHODS", "ButcherTableau", "ExplicitRK", "Method", "StepResult", "get_method"]
+__all__ = [
+    "METHODS", "AutoSwitch", "ButcherTableau", "ExplicitRK", "Method", "Rosenbrock", "StepResult",
+    "get_method",
+]
 
 METHODS: dict[str, Method] = {name: ExplicitRK(tableau) for name, tableau in SOLVERS.items()}
+METHODS.update({name: Rosenbrock(tableau) for name, tableau in ROSENBROCK_TABLEAUS.items()})
+METHODS["auto"] = AutoSwitch(METHODS["tsit5"], METHODS["rodas5p"])
 
 
 def get_method(solver: str | ButcherTableau | Method) -> Method:

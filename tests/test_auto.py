@@ -1,0 +1,143 @@
+"""``solver="auto"``: tsit5 while the problem is not stiff, rodas5p while it is; the
+stiffness estimates, the hysteresis, and the cost on a non-stiff problem."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from grad_utils import PARAMS, TS, Z0, central_difference, forced_oscillator, relative_error, weighted_loss
+from test_rosenbrock import A_STIFF, _manufactured, _radau, _van_der_pol, _vdp_numpy
+
+import jaxode
+from jaxode.drivers import integrate
+from jaxode.methods import METHODS, AutoSwitch
+from jaxode.methods.auto import AutoState, spectral_radius
+
+AUTO = METHODS["auto"]
+
+
+def test_switches_on_van_der_pol():
+    """μ = 1000 on [0, 2]: tsit5 needs ~1700 steps; auto switches to rodas5p within a few
+    dozen steps (Jacobians counted) and finishes accurately."""
+    ts = (0.0, 0.5, 1.0, 2.0)
+    ref = _radau(_vdp_numpy, (2.0, 0.0), 2.0, ts)
+    ys, info = jaxode.odesolve(_van_der_pol, jnp.array([2.0, 0.0]), jnp.array(ts), 1000.0, solver="auto",
+                               rtol=1e-6, atol=1e-6, full_output=True)
+    assert int(info.num_steps) < 60, info
+    assert int(info.num_jacobians) > 0
+    np.testing.assert_allclose(np.asarray(ys), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t1", [10.0, 40.0])
+def test_non_stiff_stays_explicit(t1):
+    """On a non-stiff problem auto is tsit5: the same steps, the same outputs, no Jacobian, and
+    at most 10% more evaluations (measured: none more)."""
+    ts = jnp.linspace(0.0, t1, 6)
+    z0 = jnp.array([0.1, 1.0])
+    kw = dict(rtol=1e-7, atol=1e-7, full_output=True, max_steps=10000)
+    ys, info = jaxode.odesolve(_manufactured, z0, ts, solver="auto", **kw)
+    ys_t, info_t = jaxode.odesolve(_manufactured, z0, ts, solver="tsit5", **kw)
+    assert int(info.num_jacobians) == 0
+    assert int(info.nfe) <= 1.1 * int(info_t.nfe)
+    np.testing.assert_allclose(np.asarray(ys), np.asarray(ys_t), rtol=1e-12, atol=1e-12)
+
+
+def _window(z, t, p):
+    """Prothero–Robinson with a stiff window: ``λ(t)`` from -1 to -1000 on about [2, 5]; the
+    solution is exactly ``z = p cos t`` from ``z(0) = p``, whatever ``λ``."""
+    lam = -(1 + 999 * 0.5 * (jnp.tanh(20 * (t - 2)) - jnp.tanh(20 * (t - 5))))
+    return lam * (z - p * jnp.cos(t)) - p * jnp.sin(t)
+
+
+TS_WINDOW = jnp.linspace(0.0, 8.0, 9)
+
+
+def test_switches_to_stiff_and_back():
+    """Into rodas5p in the stiff window and back to tsit5 after it: the final state is not
+    stiff, some steps took a Jacobian and at least 20 did not, and the whole solve takes far
+    fewer steps than tsit5 (1064 measured)."""
+    field = lambda y, t: _window(y, t, 1.0)
+    state = integrate(field, jnp.array([1.0]), TS_WINDOW, 1e-6, 1e-6, None, method=AUTO, max_steps=10000)
+    assert not bool(state.method_state.stiff)
+    steps, jacobians = int(state.num_accepted + state.num_rejected), int(state.num_jacobians)
+    assert 0 < jacobians < steps - 20
+    # nfe: 2 for the first step, 8 per rodas5p attempt, 6 per tsit5 attempt
+    assert int(state.nfe) == 2 + 8 * jacobians + 6 * (steps - jacobians)
+    ys, info = jaxode.odesolve(_window, jnp.array([1.0]), TS_WINDOW, 1.0, solver="auto", rtol=1e-6,
+                               atol=1e-6, full_output=True)
+    np.testing.assert_allclose(np.asarray(ys[:, 0]), np.cos(np.asarray(TS_WINDOW)), atol=1e-5)
+    _, info_t = jaxode.odesolve(_window, jnp.array([1.0]), TS_WINDOW, 1.0, rtol=1e-6, atol=1e-6,
+                                full_output=True, max_steps=10000)
+    assert int(info.num_steps) * 4 < int(info_t.num_steps)
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
+def test_gradient_across_switches(gradient):
+    """``z(8) = p cos 8``: ``dz(8)/dp = cos 8``, through the steps of both methods."""
+    def final(p):
+        ys = jaxode.odesolve(_window, jnp.array([1.0]) * p, TS_WINDOW, p, solver="auto", rtol=1e-9,
+                             atol=1e-9, gradient=gradient)
+        return ys[-1, 0]
+
+    np.testing.assert_allclose(float(jax.grad(final)(jnp.asarray(1.3))), np.cos(8.0), rtol=1e-6)
+
+
+def test_vmap_mixed_batch():
+    """Under ``jax.vmap`` a stiff and a non-stiff problem (both branches run): each as alone."""
+    solve = lambda z0, p: jaxode.odesolve(_window, z0, TS_WINDOW, p, solver="auto", rtol=1e-7, atol=1e-7)
+    ps = jnp.array([1.0, 2.0])
+    ys = jax.jit(jax.vmap(solve))(ps[:, None], ps)
+    exact = np.asarray(ps)[:, None] * np.cos(np.asarray(TS_WINDOW))
+    np.testing.assert_allclose(np.asarray(ys[..., 0]), exact, atol=1e-5)
+
+
+def _run_votes(method, stiff, detections):
+    state = AutoState(jnp.asarray(stiff), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    modes = []
+    for h_rho in detections:
+        state = method._vote(state, jnp.asarray(h_rho))
+        modes.append(bool(state.stiff))
+    return modes
+
+
+def test_hysteresis():
+    """15 votes switch; 6 calm detections in a row clear them; one calm detection does not."""
+    auto = AUTO
+    stiff, calm = 10.0, 1.0
+    assert _run_votes(auto, False, [stiff] * 14) == [False] * 14
+    assert _run_votes(auto, False, [stiff] * 15)[-1]
+    assert not _run_votes(auto, False, [stiff] * 10 + [calm] * 6 + [stiff] * 10)[-1]
+    assert _run_votes(auto, False, [stiff] * 10 + [calm] * 5 + [stiff] * 5)[-1]
+    back = _run_votes(auto, True, [calm] * 15)
+    assert back == [True] * 14 + [False]
+
+
+def test_spectral_radius():
+    rng = np.random.default_rng(1)
+    for M in (A_STIFF, rng.normal(size=(6, 6)) @ np.diag([1, 2, 3, 4, 5, 50.0])):
+        rho = float(spectral_radius(jnp.asarray(M)))
+        exact = np.max(np.abs(np.linalg.eigvals(M)))
+        assert 0.8 * exact < rho < 1.2 * exact, (rho, exact)
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="error order"):
+        AutoSwitch(METHODS["dopri5"], METHODS["rosenbrock23"])
+    with pytest.raises(ValueError, match="first-same-as-last"):
+        AutoSwitch(METHODS["dopri8"], METHODS["rodas5p"])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_adjoint_non_stiff(batched):
+    """The adjoint (plain, and batched with its Simpson quadrature) through auto on a non-stiff
+    problem, against central differences."""
+    z0 = jnp.stack([Z0, -Z0]) if batched else Z0
+
+    def loss(params):
+        ys = jaxode.odesolve(forced_oscillator, z0, TS, params, solver="auto", rtol=1e-10, atol=1e-10,
+                             batched=batched)
+        return jnp.sum(jax.vmap(weighted_loss)(ys)) if batched else weighted_loss(ys)
+
+    assert relative_error(jax.grad(loss)(PARAMS), central_difference(loss, PARAMS, eps=1e-5)) < 1e-6
