@@ -29,7 +29,8 @@ DENSE_NOT_DIFFERENTIABLE = 5
 STATUS_MESSAGES = (
     "",
     "jaxode: the solve took max_steps steps (accepted and rejected) without reaching the final "
-    "time; raise max_steps, loosen rtol/atol, or check the vector field for stiffness",
+    "time; raise max_steps or loosen rtol/atol; if the problem is stiff (an explicit solver's "
+    "steps limited by stability), use a stiff solver: solver=\"rodas5p\", \"kvaerno5\" or \"auto\"",
     "jaxode: the step size underflowed (the step became too small for the time's precision); "
     "the problem may be stiff or singular, or rtol/atol too tight for the dtype",
     "jaxode: the solution became non-finite (NaN or inf): an adaptive solver's shrinking steps did "

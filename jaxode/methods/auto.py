@@ -95,6 +95,7 @@ class AutoSwitch(Method):
 
     name = "auto"
     adaptive = True
+    implicit = True
     interpolant_nfe = 0
     quadrature_weights = SIMPSON_WEIGHTS
     order = property(lambda self: self.nonstiff.order)

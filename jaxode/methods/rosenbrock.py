@@ -265,6 +265,7 @@ class Rosenbrock(Method):
     tableau: RosenbrockTableau
 
     adaptive = True
+    implicit = True
     interpolant_nfe = 0
     quadrature_weights = SIMPSON_WEIGHTS
     name = property(lambda self: self.tableau.name)
