@@ -68,7 +68,9 @@ class Info(NamedTuple):
         status: 0 on success; 1 max_steps reached; 2 step size underflow; 3 non-finite state
             (also a non-finite ``z0`` or ``f(z0, t0)``); 4 invalid traced ``rtol``, ``atol``,
             ``dt0`` or ``max_dt`` (no step taken).
-        num_jacobians: Jacobians of the field evaluated (0 for explicit methods).
+        num_jacobians: Jacobians of the field evaluated by implicit methods (0 for explicit
+            ones); each costs about ``n + 1`` forward-mode evaluations, which ``nfe`` does not
+            count.
         final_time: how far the solve got: ``ts[-1]`` on success, else the time of the last
             accepted step (in the dtype of ``ts``, at least float32; not differentiated).
     """
