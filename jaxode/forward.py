@@ -31,6 +31,7 @@ class Config(NamedTuple):
     batched: bool = False  # y0 is (B, n): B problems, each with its own steps, shared args
     dense: bool = False  # also return every accepted step's interpolant
     progress: bool = False
+    reversible_coupling: float = 0.999  # λ of gradient="reversible"
 
 
 class Controls(NamedTuple):

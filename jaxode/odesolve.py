@@ -134,6 +134,7 @@ def odesolve(
     jump_ts: Array | None = None,
     dense: bool = False,
     progress: bool = False,
+    reversible_coupling: float = 0.999,
 ):
     """Solves ``dz/dt = f(z, t, params)``, ``z(ts[0]) = z0`` and returns ``z`` at every ``ts``.
 
@@ -166,7 +167,11 @@ def odesolve(
             held fixed, by checkpointed nested scans (see ``jaxode.backprop``);
             ``"checkpoint"``: the same derivative, reverse mode only, by a ``custom_vjp``
             around the step loop that checkpoints states and recomputes steps on the way
-            back; faster, and its cost does not grow with ``max_steps``.
+            back; faster, and its cost does not grow with ``max_steps``;
+            ``"reversible"``: the solve uses the algebraically reversible two-state form of the
+            (explicit) solver (McCallum & Foster 2024; see ``jaxode.methods.reversible``), whose
+            steps the reverse pass inverts one by one: the exact derivative of that computed
+            solution, reverse mode only, memory O(1) states plus one time per step.
         adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: the forward ones).
         adjoint_seminorm: leave the parameter and time adjoints out of the backward error
             control (Kidger et al. 2021); usually fewer backward steps (default ``False``).
@@ -199,6 +204,10 @@ def odesolve(
         progress: show a tqdm progress bar of the solve's time, updated from inside the
             compiled loop a few hundred times per solve at most (default ``False``: nothing
             of it is compiled).
+        reversible_coupling: ``λ`` of ``gradient="reversible"``,
+            ``y_{n+1} = λ y_n + (1 - λ) ŷ_n + Ψ_h(ŷ_n)``, ``0 < λ <= 1`` (default 0.999): smaller
+            damps the scheme's parasitic mode more but amplifies the reconstruction's rounding
+            by ``λ^{-N}`` over ``N`` steps. Ignored by the other modes.
 
     Returns:
         ``ys``, with the structure of ``z0`` and each leaf given a leading axis of length
@@ -225,7 +234,7 @@ def odesolve(
         solver=solver, rtol=rtol, atol=atol, dt0=dt0, max_steps=max_steps, gradient=gradient,
         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_seminorm=adjoint_seminorm,
         batched=batched, throw=throw, full_output=full_output, max_dt=max_dt, jump_ts=jump_ts,
-        dense=dense, progress=progress,
+        dense=dense, progress=progress, reversible_coupling=reversible_coupling,
     )
     z0, ts = _checked_inputs(z0, ts)
     checked = all(errors.is_concrete(x) for x in (ts, rtol, atol, *jax.tree_util.tree_leaves(z0)))
@@ -235,7 +244,7 @@ def odesolve(
 
 def _config(opts: Options) -> Config:
     return Config(opts.method, opts.max_steps, opts.adjoint_seminorm, opts.throw, opts.batched,
-                  opts.dense, opts.progress)
+                  opts.dense, opts.progress, opts.reversible_coupling)
 
 
 def _checked_inputs(z0, ts):

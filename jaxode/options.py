@@ -20,7 +20,8 @@ from jax import Array
 
 from . import errors
 from .gradients import MODES
-from .methods import ButcherTableau, Method, get_method
+from .methods import ButcherTableau, ExplicitRK, Method, get_method
+from .methods.reversible import check_coupling
 
 __all__ = ["Options"]
 
@@ -42,7 +43,7 @@ class Options:
         rtol, atol: the step-size controller's tolerances (default ``1e-6`` each).
         dt0: a fixed-step solver's step, or an adaptive one's first step (default ``None``).
         max_steps: the most steps, accepted and rejected (default 4096).
-        gradient: ``"adjoint"`` (default), ``"backprop"`` or ``"checkpoint"``.
+        gradient: ``"adjoint"`` (default), ``"backprop"``, ``"checkpoint"`` or ``"reversible"``.
         adjoint_rtol, adjoint_atol: the backward solve's tolerances (default: the forward ones).
         adjoint_seminorm: leave the parameter adjoints out of the backward error control.
         batched: ``z0`` carries a leading axis of independent problems.
@@ -52,6 +53,7 @@ class Options:
         jump_ts: times at which the field is discontinuous (default ``None``).
         dense: also return a ``DenseSolution`` (default ``False``).
         progress: show a progress bar of the solve's time (default ``False``; needs tqdm).
+        reversible_coupling: ``λ`` of ``gradient="reversible"``, in ``(0, 1]`` (default 0.999).
     """
 
     solver: str | ButcherTableau | Method = "tsit5"
@@ -70,6 +72,7 @@ class Options:
     jump_ts: Any = None
     dense: bool = False
     progress: bool = False
+    reversible_coupling: float = 0.999
 
     def __post_init__(self):
         if self.gradient not in MODES:
@@ -86,6 +89,9 @@ class Options:
                 raise TypeError(f"{name} must be True or False, got {value!r}")
             object.__setattr__(self, name, bool(value))
         object.__setattr__(self, "max_steps", int(self.max_steps))
+        object.__setattr__(self, "reversible_coupling", check_coupling(self.reversible_coupling))
+        if self.gradient == "reversible":
+            _check_reversible(self)
         if self.progress:
             try:
                 import tqdm  # noqa: F401
@@ -113,3 +119,18 @@ class Options:
                   self.jump_ts)
         return tuple(None if v is None else jnp.asarray(v) for v in values)
 
+
+
+def _check_reversible(opts: Options) -> None:
+    """What ``gradient="reversible"`` needs: an explicit method, no dense output, no jump times."""
+    if not isinstance(opts.method, ExplicitRK):
+        raise ValueError(
+            f'gradient="reversible" needs an explicit Runge–Kutta solver (a name such as "tsit5", or '
+            f"a jaxode.ButcherTableau); {opts.method.name!r} is not explicit"
+        )
+    if opts.dense:
+        raise ValueError('gradient="reversible" does not return a dense solution (dense=True): use '
+                         '"backprop" or "checkpoint" for a differentiable DenseSolution')
+    if opts.jump_ts is not None:
+        raise ValueError('gradient="reversible" does not support jump_ts; use "checkpoint" or '
+                         '"backprop", or split the solve at the jump times')
