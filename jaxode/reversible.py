@@ -38,7 +38,7 @@ from jax import Array, lax
 from . import errors
 from .forward import Config, Controls, FlatField, Solution
 from .loop import Loop, LoopState, info_of
-from .methods.reversible import Reversible
+from .methods.reversible import Reversible, uncouple
 from .while_loops import zero_cotangent
 
 
@@ -93,46 +93,69 @@ def _direction(ts) -> Array:
 def backward(method: Reversible, field: FlatField, record: Record, ts, diff, nondiff, ct_ys):
     """The reverse pass: ``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, (y_0, ŷ_0))`` from ``∂L/∂ys`` ``(T, n)``,
     with the reconstructed initial states (both equal ``y0`` up to the reconstruction's
-    rounding)."""
+    rounding).
+
+    Step ``n``, written as ``a = Ψ_h(ŷ_n)``, ``y_{n+1} = λ y_n + (1 - λ) ŷ_n + a``,
+    ``b = Ψ_{-h}(y_{n+1})``, ``ŷ_{n+1} = ŷ_n - b``, is inverted and differentiated in one go:
+    ``jax.vjp`` of ``b`` at ``y_{n+1}`` gives ``ŷ_n = ŷ_{n+1} + b``, then ``jax.vjp`` of ``a`` at
+    ``ŷ_n`` gives ``y_n``; the cotangents then run back through the same two linearisations
+    (each increment evaluated once per step). The outputs inside the step are a function of the
+    step's values (``y_n, ŷ_n``, the stages of ``a``, ``y_{n+1}``, ``f(y_{n+1})``), whose ``vjp``
+    is taken only for a step that holds outputs.
+    """
     direction = _direction(ts)
     s_ts = direction * ts
     num_out = ts.shape[0]
-    dtype = record.y.dtype
+    dtype, lam = record.y.dtype, method.coupling
     ct_ys = ct_ys.astype(dtype)
     # outputs an accepted step can have been clipped to land on (then its end moves with them)
     lands_on = jnp.arange(num_out) >= (1 if not method.adaptive else num_out - 1)
+    hermite = method.base.tableau.dense is None
 
-    def g(y, s, diff):
-        return direction.astype(dtype) * field(y, direction * s, diff, nondiff)
+    def g(diff):
+        return lambda y, s: direction.astype(dtype) * field(y, direction * s, diff, nondiff)
 
-    def one_step(y, yhat, diff, t, t_new, s_ts):
-        gd = lambda u, s: g(u, s, diff)
-        h = t_new - t
-        res = method.step(gd, t, y, h, None, (yhat,), t_new)
+    def back(y1, diff, t, t_new):  # (Ψ_{-h}(t_new, y1), f(y1, t_new))
+        return method.backward_increment(g(diff), t, t_new, y1, t_new - t)
+
+    def ahead(yhat, diff, t, t_new):  # (Ψ_h(t, ŷ), its stages)
+        inc, ks, _, _ = method.forward_increment(g(diff), t, t_new, yhat, t_new - t)
+        return inc, jnp.stack(ks)
+
+    def outputs(y, yhat, ks, y1, f1, diff, t, t_new, s_ts):  # Σ_{i in step} ⟨∂L/∂ys[i], ys[i]⟩
+        gd, h = g(diff), t_new - t
+        f0 = gd(y, t) if hermite else None
+        coeffs = method.interpolant(gd, t, y, h, (ks, f0, yhat), y1, f1)
+        values = jax.vmap(lambda th: method.interpolate(y, coeffs, th))(jnp.clip((s_ts - t) / h, 0, 1))
+        values = jnp.where((s_ts == t_new)[:, None], y1, values)
         inside = (s_ts > t) & (s_ts <= t_new)
-
-        def outputs():
-            ks, _, _ = res.dense
-            coeffs = method.interpolant(gd, t, y, h, (ks, gd(y, t), yhat), res.y_new, res.f_new)
-            theta = jnp.clip((s_ts - t) / h, 0, 1)
-            values = jax.vmap(lambda th: method.interpolate(y, coeffs, th))(theta)
-            values = jnp.where((s_ts == t_new)[:, None], res.y_new, values)
-            return jnp.sum(jnp.where(inside[:, None], ct_ys * values, 0))
-
-        loss = lax.cond(jnp.any(inside), outputs, lambda: jnp.zeros((), dtype))
-        return res.y_new, res.state[0], loss
+        return jnp.sum(jnp.where(inside[:, None], ct_ys * values, 0))
 
     def body(carry):
         n, y1, yhat1, ct_y1, ct_yhat1, ct_diff, ct_s_ts, ct_t1 = carry
         t, t_new = record.times[n], record.times[n + 1]
-        y, yhat = method.unstep(lambda u, s: g(u, s, diff), t, t_new, y1, yhat1)
-        _, vjp = jax.vjp(one_step, y, yhat, diff, t, t_new, s_ts)
-        ct_y, ct_yhat, ct_d, ct_t, ct_tnew, ct_st = vjp((ct_y1, ct_yhat1, jnp.ones((), dtype)))
-        end_moves = ct_t1 + ct_tnew
+        (b, f1), vjp_back = jax.vjp(back, y1, diff, t, t_new)
+        yhat = yhat1 + b
+        (a, ks), vjp_ahead = jax.vjp(ahead, yhat, diff, t, t_new)
+        y = uncouple(y1, yhat, a, lam)
+        primals = (y, yhat, ks, y1, f1, diff, t, t_new, s_ts)
+        has_outputs = jnp.any((s_ts > t) & (s_ts <= t_new))
+        ct_out = lax.cond(
+            has_outputs,
+            lambda: jax.vjp(outputs, *primals)[1](jnp.ones((), dtype)),
+            lambda: jax.tree_util.tree_map(jnp.zeros_like, primals),
+        )
+        o_y, o_yhat, o_ks, o_y1, o_f1, o_diff, o_t, o_tnew, o_sts = ct_out
+        extra_y1, b_diff, b_t, b_tnew = vjp_back((-ct_yhat1, o_f1))
+        ct_a = ct_y1 + o_y1 + extra_y1  # the cotangent of y_{n+1}, hence of a
+        a_yhat, a_diff, a_t, a_tnew = vjp_ahead((ct_a, o_ks))
+        ct_y = (ct_a if lam == 1 else lam * ct_a) + o_y
+        ct_yhat = ct_yhat1 + a_yhat + o_yhat + (0 if lam == 1 else (1 - lam) * ct_a)
+        ct_diff = jax.tree_util.tree_map(lambda *c: sum(c), ct_diff, b_diff, a_diff, o_diff)
+        ct_t, end_moves = b_t + a_t + o_t, ct_t1 + b_tnew + a_tnew + o_tnew
         landed = (s_ts == t_new) & lands_on
-        ct_s_ts = ct_s_ts + ct_st + jnp.where(landed, end_moves, 0)
+        ct_s_ts = ct_s_ts + o_sts + jnp.where(landed, end_moves, 0)
         ct_t = ct_t + jnp.where(jnp.any(landed), 0, end_moves)
-        ct_diff = jax.tree_util.tree_map(jnp.add, ct_diff, ct_d)
         return n - 1, y, yhat, ct_y, ct_yhat, ct_diff, ct_s_ts, ct_t
 
     zeros = jnp.zeros_like(record.y)

@@ -123,13 +123,11 @@ class Reversible(Method):
         """One step of both states; ``f0 = field(y, t)`` only enters the Hermite dense output.
         The error estimate is the base method's for ``Ψ_h(ŷ_n)``. A non-finite ``ŷ_{n+1}`` makes
         ``y_{n+1}`` NaN, so that the loop sees the step as non-finite."""
-        tab, lam = self.base.tableau, self.coupling
+        tab = self.base.tableau
         (yhat,) = state
-        inc, ks, inputs, times = increment(tab, field, t, yhat, h, field(yhat, t), t_end)
-        y_new = couple(y, yhat, inc, lam)
-        f_new = field(y_new, t_end)
-        back, _, _, _ = increment(tab, reversed_field(field), -t_end, y_new, h, -f_new, -t,
-                                  solution_stages(tab))
+        inc, ks, inputs, times = self.forward_increment(field, t, t_end, yhat, h)
+        y_new = couple(y, yhat, inc, self.coupling)
+        back, f_new = self.backward_increment(field, t, t_end, y_new, h)
         yhat_new = yhat - back
         y_new = jnp.where(jnp.all(jnp.isfinite(yhat_new)), y_new, jnp.nan)
         edtype = control.error_dtype(y.dtype)
@@ -141,12 +139,26 @@ class Reversible(Method):
         dense = (jnp.stack(ks), f0, yhat)
         return StepResult(y_new, f_new, tuple(errs) or None, dense, nodes, nfe, 0, (yhat_new,))
 
+    def forward_increment(self, field: Field, t, t_end, yhat, h):
+        """``Ψ_h(t, ŷ)`` with every stage of the base tableau (for its error estimate and dense
+        output): ``(increment, stages, stage inputs, stage times)``."""
+        return increment(self.base.tableau, field, t, yhat, h, field(yhat, t), t_end)
+
+    def backward_increment(self, field: Field, t, t_end, y_new, h):
+        """``(Ψ_{-h}(t_end, y_new), field(y_new, t_end))``: the step back from ``t_end`` to ``t``
+        (``h = t_end - t``), its stages up to the last nonzero weight."""
+        tab = self.base.tableau
+        f_new = field(y_new, t_end)
+        back = increment(tab, reversed_field(field), -t_end, y_new, h, -f_new, -t, solution_stages(tab))[0]
+        return back, f_new
+
     def error_ratio(self, result: StepResult, y, rtol, atol, segments):
         return self.base.error_ratio(result, y, rtol, atol, segments)
 
     def interpolant(self, field: Field, t, y, h, dense, y_new, f_new):
         """The base interpolant of ``Ψ_h`` on ``ŷ_n`` with ``(1 - λ)(ŷ_n - y_n)`` added to its
-        first coefficient (the one of ``θ``), or Hermite on ``y`` if the tableau has none."""
+        first coefficient (the one of ``θ``), or Hermite on ``y`` if the tableau has none.
+        ``dense``: ``(stages of Ψ_h (s, n), field(y, t) (only for Hermite), ŷ_n)``."""
         ks, f0, yhat = dense
         if self.base.tableau.dense is None:
             return hermite_coefficients(y, h, f0, y_new, f_new)
@@ -155,17 +167,6 @@ class Reversible(Method):
 
     def interpolate(self, y, coefficients, theta):
         return self.base.interpolate(y, coefficients, theta)
-
-    def unstep(self, field: Field, t, t_new, y_new, yhat_new):
-        """The inverse step: ``(y_n, ŷ_n)`` from ``(y_{n+1}, ŷ_{n+1})`` over ``[t, t_new]``
-        (``h = t_new - t``, as the loop takes it)."""
-        tab, lam, h = self.base.tableau, self.coupling, t_new - t
-        f_new = field(y_new, t_new)
-        back, _, _, _ = increment(tab, reversed_field(field), -t_new, y_new, h, -f_new, -t,
-                                  solution_stages(tab))
-        yhat = yhat_new + back
-        inc, _, _, _ = increment(tab, field, t, yhat, h, field(yhat, t), t_new, solution_stages(tab))
-        return uncouple(y_new, yhat, inc, lam), yhat
 
 
 def couple(y, yhat, inc, lam: float):
