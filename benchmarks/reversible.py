@@ -111,6 +111,9 @@ def markdown(mlp: list[dict], large: list[dict], meta: dict) -> str:
              "jit(value_and_grad); memory: XLA's compiled temporary memory of that function; gradient "
              "error: |g - g_ref| / |g_ref| against the float64 dopri8 reference "
              "(`workloads.reference_gradient`). Machine: " + meta["machine"] + ".", "",
+             "The reference's own error (its dopri5 vs dopri8 gradients, both at rtol 1e-10): "
+             + ", ".join(f"t1 = {t1:g}: {c}" for t1, c in _reference_checks(mlp, meta["batch"]))
+             + ". Where it is large the gradient errors below say nothing.", "",
              "| t1 | tol | steps | mode | time (ms) | temp memory (MiB) | gradient error |",
              "|---:|---:|---:|---|---:|---:|---:|"]
     for r in mlp:
@@ -129,6 +132,14 @@ def markdown(mlp: list[dict], large: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _reference_checks(rows: list[dict], batch: int) -> list[tuple[float, str]]:
+    out = []
+    for t1 in sorted({r["t1"] for r in rows}):
+        ref = W.reference_gradient(batch, t1, compute=False)
+        out.append((t1, "not cached" if ref is None else f"{ref['check']:.1e}"))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=W.MLP_BATCH)
@@ -139,11 +150,17 @@ def main(argv=None) -> int:
     ap.add_argument("--large", action="store_true", help="also the large-state memory table")
     ap.add_argument("--machine", default="2 shared CPU cores")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "reversible.md"))
+    ap.add_argument("--from-json", action="store_true", help="rewrite --out from its JSON, running nothing")
     args = ap.parse_args(argv)
-    mlp = mlp_rows(args.batch, args.horizons, args.tolerances, args.repeats, args.max_steps)
-    large = large_rows() if args.large else []
-    meta = {"batch": args.batch, "repeats": args.repeats, "max_steps": args.max_steps,
-            "machine": args.machine}
+    if args.from_json:
+        with open(os.path.splitext(args.out)[0] + ".json") as fh:
+            saved = json.load(fh)
+        mlp, large, meta = saved["mlp"], saved["large"], saved["meta"]
+    else:
+        mlp = mlp_rows(args.batch, args.horizons, args.tolerances, args.repeats, args.max_steps)
+        large = large_rows() if args.large else []
+        meta = {"batch": args.batch, "repeats": args.repeats, "max_steps": args.max_steps,
+                "machine": args.machine}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         fh.write(markdown(mlp, large, meta))
