@@ -1,7 +1,9 @@
 """gradient="reversible" beside "adjoint", "checkpoint" and "backprop" (issue 17).
 
     python benchmarks/reversible.py [--batch 256] [--horizons 1 16 64] [--tolerances 1e-3 1e-5]
-                                    [--repeats 3] [--out benchmarks/results/reversible.md]
+                                    [--repeats 3] [--large] [--out benchmarks/results/reversible.md]
+    JAX_ENABLE_X64=1 python benchmarks/reversible.py --convergence --horizons 16 \
+                                    --tolerances 1e-5 1e-7 1e-9
 
 mlp-batch (``workloads.mlp_batch``: the whole ``(batch, 32)`` state as one ODE, dopri5, float32,
 ``ts = linspace(0, t1, 11)``, loss ``mean(ys**2)``), for each ``t1`` and tolerance and mode:
@@ -17,6 +19,9 @@ mlp-batch (``workloads.mlp_batch``: the whole ``(batch, 32)`` state as one ODE, 
 And a large state (``--large``: a ``(64, 1024)`` state, ``tanh(z W) - z``), compiled only: the
 temporary memory of each mode at ``max_steps`` 256 and 4096, where the checkpoint slots are the
 memory. Writes a markdown table to ``--out`` and the rows as JSON beside it.
+
+``--convergence`` (float64): the gradient and ``ys`` errors of "reversible" and "checkpoint" at
+one horizon as the tolerance tightens, to ``results/reversible_convergence.md``.
 """
 
 from __future__ import annotations
@@ -132,6 +137,50 @@ def markdown(mlp: list[dict], large: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def convergence_rows(batch: int, t1: float, tolerances, max_steps: int = 16384) -> list[dict]:
+    """float64 (needs ``JAX_ENABLE_X64=1``): the gradient error and the RMS error of ``ys``
+    against the references, of "reversible" and "checkpoint", as the tolerance tightens."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxode
+
+    if not jax.config.jax_enable_x64:
+        raise SystemExit("--convergence runs in float64: set JAX_ENABLE_X64=1")
+    w = W.mlp_batch(batch, t1)
+    z0 = jnp.asarray(w.z0, jnp.float64)
+    ts = jnp.linspace(0.0, t1, 11)
+    params = tuple(jnp.asarray(p, jnp.float64) for p in w.params)
+    ref, ref_ys = W.reference_gradient(batch, t1, compute=False), W.reference_trajectory(w, compute=False)
+    rows = []
+    for tol in tolerances:
+        for mode in ("reversible", "checkpoint"):
+            def loss(p, mode=mode, tol=tol):
+                ys = jaxode.odesolve(w.f, z0, ts, p, solver="dopri5", rtol=tol, atol=tol, gradient=mode,
+                                     max_steps=max_steps)
+                return W.mlp_loss(ys), ys
+
+            (_, ys), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+            row = {"t1": t1, "tol": tol, "mode": mode, "grad_error": W.gradient_error(grads, ref["grad"])}
+            if ref_ys is not None:
+                row["ys_rms_error"] = W.trajectory_error(ys, ref_ys)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def convergence_markdown(rows: list[dict], batch: int) -> str:
+    lines = ["# gradient=\"reversible\": accuracy as the tolerance tightens (float64)", "",
+             f"mlp-batch, batch {batch}, t1 = {rows[0]['t1']:g}, dopri5, float64, one ODE for the batch; "
+             "errors against the float64 references (gradient: dopri8 at rtol 1e-10; ys: scipy DOP853 at "
+             "rtol 1e-10, RMS over all outputs).", "",
+             "| tol | mode | gradient error | ys RMS error |", "|---:|---|---:|---:|"]
+    for r in rows:
+        ys = f"{r['ys_rms_error']:.2e}" if "ys_rms_error" in r else "n/a"
+        lines.append(f"| {r['tol']:g} | {r['mode']} | {r['grad_error']:.2e} | {ys} |")
+    return "\n".join(lines) + "\n"
+
+
 def _reference_checks(rows: list[dict], batch: int) -> list[tuple[float, str]]:
     out = []
     for t1 in sorted({r["t1"] for r in rows}):
@@ -151,7 +200,16 @@ def main(argv=None) -> int:
     ap.add_argument("--machine", default="2 shared CPU cores")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "reversible.md"))
     ap.add_argument("--from-json", action="store_true", help="rewrite --out from its JSON, running nothing")
+    ap.add_argument("--convergence", action="store_true",
+                    help="only the float64 accuracy-vs-tolerance table (first horizon; JAX_ENABLE_X64=1)")
     args = ap.parse_args(argv)
+    if args.convergence:
+        rows = convergence_rows(args.batch, args.horizons[0], args.tolerances)
+        out = os.path.join(os.path.dirname(args.out), "reversible_convergence.md")
+        with open(out, "w") as fh:
+            fh.write(convergence_markdown(rows, args.batch))
+        print(open(out).read())
+        return 0
     if args.from_json:
         with open(os.path.splitext(args.out)[0] + ".json") as fh:
             saved = json.load(fh)

@@ -171,7 +171,9 @@ def odesolve(
             ``"reversible"``: the solve uses the algebraically reversible two-state form of the
             (explicit) solver (McCallum & Foster 2024; see ``jaxode.methods.reversible``), whose
             steps the reverse pass inverts one by one: the exact derivative of that computed
-            solution, reverse mode only, memory O(1) states plus one time per step.
+            solution, reverse mode only, memory O(1) states plus one time per step; the
+            scheme is unstable for modes decaying faster than ``-ln λ`` per step (README,
+            "Reversible gradients").
         adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: the forward ones).
         adjoint_seminorm: leave the parameter and time adjoints out of the backward error
             control (Kidger et al. 2021); usually fewer backward steps (default ``False``).
