@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from . import errors
+from . import errors, reversible
 from .gradients import MODES
-from .methods import ButcherTableau, ExplicitRK, Method, get_method
+from .methods import ButcherTableau, Method, get_method
 from .methods.reversible import check_coupling
 
 __all__ = ["Options"]
@@ -91,7 +91,7 @@ class Options:
         object.__setattr__(self, "max_steps", int(self.max_steps))
         object.__setattr__(self, "reversible_coupling", check_coupling(self.reversible_coupling))
         if self.gradient == "reversible":
-            _check_reversible(self)
+            reversible.check_options(self.method, self.reversible_coupling, self.dense, self.jump_ts)
         if self.progress:
             try:
                 import tqdm  # noqa: F401
@@ -118,19 +118,3 @@ class Options:
         values = (self.rtol, self.atol, self.dt0, self.adjoint_rtol, self.adjoint_atol, self.max_dt,
                   self.jump_ts)
         return tuple(None if v is None else jnp.asarray(v) for v in values)
-
-
-
-def _check_reversible(opts: Options) -> None:
-    """What ``gradient="reversible"`` needs: an explicit method, no dense output, no jump times."""
-    if not isinstance(opts.method, ExplicitRK):
-        raise ValueError(
-            f'gradient="reversible" needs an explicit Runge–Kutta solver (a name such as "tsit5", or '
-            f"a jaxode.ButcherTableau); {opts.method.name!r} is not explicit"
-        )
-    if opts.dense:
-        raise ValueError('gradient="reversible" does not return a dense solution (dense=True): use '
-                         '"backprop" or "checkpoint" for a differentiable DenseSolution')
-    if opts.jump_ts is not None:
-        raise ValueError('gradient="reversible" does not support jump_ts; use "checkpoint" or '
-                         '"backprop", or split the solve at the jump times')

@@ -38,6 +38,7 @@ from jax import Array, lax
 from . import errors
 from .forward import Config, Controls, FlatField, Solution
 from .loop import Loop, LoopState, info_of
+from .methods import Method
 from .methods.reversible import Reversible, uncouple
 from .while_loops import zero_cotangent
 
@@ -51,19 +52,17 @@ class Record(NamedTuple):
     num_steps: Array  # accepted steps N
 
 
-def check_supported(cfg: Config, controls: Controls) -> None:
-    """Options the reversible mode does not take: clear errors at trace time."""
-    if cfg.dense:
+def check_options(method: Method, coupling: float, dense: bool, jump_ts) -> Reversible:
+    """The reversible form of ``method``, after checking what the mode needs (at trace time):
+    an explicit method, ``0 < coupling <= 1``, no dense output, no jump times (``ValueError``
+    naming the problem)."""
+    if dense:
         raise ValueError('gradient="reversible" does not return a dense solution (dense=True): use '
                          '"backprop" or "checkpoint" for a differentiable DenseSolution')
-    if controls.jump_ts is not None:
+    if jump_ts is not None:
         raise ValueError('gradient="reversible" does not support jump_ts; use "checkpoint" or '
                          '"backprop", or split the solve at the jump times')
-
-
-def method_of(cfg: Config) -> Reversible:
-    """The reversible form of ``cfg.method`` (``ValueError`` for a method that is not explicit)."""
-    return Reversible(cfg.method, cfg.reversible_coupling)
+    return Reversible(method, coupling)
 
 
 def forward(method: Reversible, field: FlatField, y0, ts, diff, nondiff, controls: Controls,
@@ -204,8 +203,8 @@ def _one_problem(field: FlatField, method: Reversible, cfg: Config):
 def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_tols, cfg: Config) -> Solution:
     """The mode's entry in ``gradients.MODES``: the reversible solve, differentiated by
     ``backward`` (``adjoint_tols`` unused). ``batched``: ``jax.vmap`` over ``y0``."""
-    check_supported(cfg, controls)
-    one = _one_problem(field, method_of(cfg), cfg)
+    method = check_options(cfg.method, cfg.reversible_coupling, cfg.dense, controls.jump_ts)
+    one = _one_problem(field, method, cfg)
     if cfg.batched:
         ys, info, h = jax.vmap(one, in_axes=(0, None, None, None, None))(y0, ts, diff, nondiff, controls)
     else:

@@ -106,8 +106,8 @@ class Reversible(Method):
     def __post_init__(self):
         if not isinstance(self.base, ExplicitRK):
             raise ValueError(
-                f'gradient="reversible" needs an explicit Runge–Kutta method (a solver name or a '
-                f"jaxode.ButcherTableau), got {self.base!r}"
+                f'gradient="reversible" needs an explicit Runge–Kutta solver (a name such as "tsit5", '
+                f"or a jaxode.ButcherTableau); {getattr(self.base, 'name', self.base)!r} is not explicit"
             )
         check_coupling(self.coupling)
 
