@@ -7,8 +7,8 @@ explicit method, coupling ``λ``) and keeps, besides the outputs, only the final
 runs from ``t_n`` to ``t_{n+1}``, ``h_n = t_{n+1} - t_n`` exactly as the loop took it).
 
 The reverse pass (``backward``) walks the steps from the last to the first. For step ``n`` it
-reconstructs ``(y_n, ŷ_n)`` from ``(y_{n+1}, ŷ_{n+1})`` by the inverse step
-(``Reversible.unstep``, exact up to rounding) and takes the ``jax.vjp`` of that one step,
+reconstructs ``(y_n, ŷ_n)`` from ``(y_{n+1}, ŷ_{n+1})`` by the inverse step (exact up to
+rounding; the two increments' ``jax.vjp``s serve both) and differentiates that one step,
 
     (y_n, ŷ_n, θ, t_n, t_{n+1}, ts) ↦ (y_{n+1}, ŷ_{n+1}, Σ_{i: ts_i ∈ (t_n, t_{n+1}]} ⟨∂L/∂ys[i], ys[i]⟩),
 
