@@ -32,6 +32,7 @@ class Config(NamedTuple):
     dense: bool = False  # also return every accepted step's interpolant
     progress: bool = False
     interpolate: bool = False  # the adjoint reads z off the forward solution (interpolated_adjoint)
+    reversible_coupling: float = 0.999  # λ of gradient="reversible"
 
 
 class Controls(NamedTuple):

@@ -9,6 +9,9 @@ mode            forward pass                                            reverse 
 ``backprop``    ``drivers.backprop`` (checkpointed scans)               JAX's, through the loop
 ``checkpoint``  ``drivers.checkpoint`` (``custom_vjp`` while loop)      recomputation from
                                                                         checkpoints
+``reversible``  ``reversible.forward`` (the reversible method, step     ``reversible.backward``:
+                times recorded) inside a ``custom_vjp``                 steps inverted, one
+                                                                        ``vjp`` per step
 ==============  ======================================================  ======================
 
 Each entry is a function ``(field, y0, ts, diff, nondiff, controls, adjoint_tols, cfg) ->
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import adjoint
+from . import adjoint, reversible
 from .forward import Config, Controls, FlatField, Solution, forward, forward_batched
 
 Mode = Callable[..., Solution]
@@ -40,4 +43,5 @@ MODES: dict[str, Mode] = {
     "adjoint": adjoint.solve,
     "backprop": _by_driver("backprop"),
     "checkpoint": _by_driver("checkpoint"),
+    "reversible": reversible.solve,
 }

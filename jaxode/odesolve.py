@@ -135,6 +135,7 @@ def odesolve(
     dense: bool = False,
     progress: bool = False,
     adjoint_interpolate: bool | None = None,
+    reversible_coupling: float = 0.999,
 ):
     """Solves ``dz/dt = f(z, t, params)``, ``z(ts[0]) = z0`` and returns ``z`` at every ``ts``.
 
@@ -169,7 +170,13 @@ def odesolve(
             held fixed, by checkpointed nested scans (see ``jaxode.while_loops``);
             ``"checkpoint"``: the same derivative, reverse mode only, by a ``custom_vjp``
             around the step loop that checkpoints states and recomputes steps on the way
-            back; faster, and its cost does not grow with ``max_steps``.
+            back; faster, and its cost does not grow with ``max_steps``;
+            ``"reversible"``: the solve uses the algebraically reversible two-state form of the
+            (explicit) solver (McCallum & Foster 2024; see ``jaxode.methods.reversible``), whose
+            steps the reverse pass inverts one by one: the exact derivative of that computed
+            solution, reverse mode only, memory O(1) states plus one time per step; the
+            scheme is unstable for modes decaying faster than ``-ln λ`` per step (README,
+            "Reversible gradients").
         adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: the forward ones).
         adjoint_seminorm: leave the parameter and time adjoints out of the backward error
             control (Kidger et al. 2021); usually fewer backward steps (default ``False``).
@@ -209,8 +216,12 @@ def odesolve(
             ``jaxode.interpolated_adjoint``). Needed where ``z`` cannot be integrated backwards
             (stiff problems: the default for implicit methods); for an explicit method it
             costs one more forward solve and gives gradients whose error does not grow
-            backwards. Memory: the steps of one output interval (at most ``max_steps``).
+            backwards. Memory: a checkpoint every 32 steps and one segment's interpolants.
             Default ``None``: ``True`` for implicit methods, ``False`` for explicit ones.
+        reversible_coupling: ``λ`` of ``gradient="reversible"``,
+            ``y_{n+1} = λ y_n + (1 - λ) ŷ_n + Ψ_h(ŷ_n)``, ``0 < λ <= 1`` (default 0.999): smaller
+            damps the scheme's parasitic mode more but amplifies the reconstruction's rounding
+            by ``λ^{-N}`` over ``N`` steps. Ignored by the other modes.
 
     Returns:
         ``ys``, with the structure of ``z0`` and each leaf given a leading axis of length
@@ -238,6 +249,7 @@ def odesolve(
         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_seminorm=adjoint_seminorm,
         batched=batched, throw=throw, full_output=full_output, max_dt=max_dt, jump_ts=jump_ts,
         dense=dense, progress=progress, adjoint_interpolate=adjoint_interpolate,
+        reversible_coupling=reversible_coupling,
     )
     z0, ts = _checked_inputs(z0, ts)
     checked = all(errors.is_concrete(x) for x in (ts, rtol, atol, *jax.tree_util.tree_leaves(z0)))
@@ -247,7 +259,7 @@ def odesolve(
 
 def _config(opts: Options) -> Config:
     return Config(opts.method, opts.max_steps, opts.adjoint_seminorm, opts.throw, opts.batched,
-                  opts.dense, opts.progress, opts.interpolate)
+                  opts.dense, opts.progress, opts.interpolate, opts.reversible_coupling)
 
 
 def _checked_inputs(z0, ts):

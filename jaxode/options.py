@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from . import errors
+from . import errors, reversible
 from .gradients import MODES
 from .methods import ButcherTableau, Method, get_method
+from .methods.reversible import check_coupling
 
 __all__ = ["Options"]
 
@@ -42,7 +43,7 @@ class Options:
         rtol, atol: the step-size controller's tolerances (default ``1e-6`` each).
         dt0: a fixed-step solver's step, or an adaptive one's first step (default ``None``).
         max_steps: the most steps, accepted and rejected (default 4096).
-        gradient: ``"adjoint"`` (default), ``"backprop"`` or ``"checkpoint"``.
+        gradient: ``"adjoint"`` (default), ``"backprop"``, ``"checkpoint"`` or ``"reversible"``.
         adjoint_rtol, adjoint_atol: the backward solve's tolerances (default: the forward ones).
         adjoint_seminorm: leave the parameter adjoints out of the backward error control.
         batched: ``z0`` carries a leading axis of independent problems.
@@ -54,6 +55,7 @@ class Options:
         progress: show a progress bar of the solve's time (default ``False``; needs tqdm).
         adjoint_interpolate: the adjoint reads ``z`` off the forward solution instead of
             integrating it backwards (default ``None``: for implicit methods only).
+        reversible_coupling: ``λ`` of ``gradient="reversible"``, in ``(0, 1]`` (default 0.999).
     """
 
     solver: str | ButcherTableau | Method = "tsit5"
@@ -73,6 +75,7 @@ class Options:
     dense: bool = False
     progress: bool = False
     adjoint_interpolate: bool | None = None
+    reversible_coupling: float = 0.999
 
     def __post_init__(self):
         if self.gradient not in MODES:
@@ -93,6 +96,9 @@ class Options:
                 f"adjoint_interpolate must be None, True or False, got {self.adjoint_interpolate!r}"
             )
         object.__setattr__(self, "max_steps", int(self.max_steps))
+        object.__setattr__(self, "reversible_coupling", check_coupling(self.reversible_coupling))
+        if self.gradient == "reversible":
+            reversible.check_options(self.method, self.reversible_coupling, self.dense, self.jump_ts)
         if self.progress:
             try:
                 import tqdm  # noqa: F401
@@ -125,4 +131,3 @@ class Options:
         values = (self.rtol, self.atol, self.dt0, self.adjoint_rtol, self.adjoint_atol, self.max_dt,
                   self.jump_ts)
         return tuple(None if v is None else jnp.asarray(v) for v in values)
-

@@ -1,0 +1,212 @@
+"""``gradient="reversible"``: exact gradients in constant memory by an algebraically reversible
+solver (McCallum & Foster 2024, arXiv:2410.11648).
+
+The forward pass solves with ``methods.reversible.Reversible`` (the two-state form of the chosen
+explicit method, coupling ``λ``) and keeps, besides the outputs, only the final states
+``(y_N, ŷ_N)`` and the start time of every accepted step (``max_steps + 1`` scalars: step ``n``
+runs from ``t_n`` to ``t_{n+1}``, ``h_n = t_{n+1} - t_n`` exactly as the loop took it).
+
+The reverse pass (``backward``) walks the steps from the last to the first. For step ``n`` it
+reconstructs ``(y_n, ŷ_n)`` from ``(y_{n+1}, ŷ_{n+1})`` by the inverse step (exact up to
+rounding; the two increments' ``jax.vjp``s serve both) and differentiates that one step,
+
+    (y_n, ŷ_n, θ, t_n, t_{n+1}, ts) ↦ (y_{n+1}, ŷ_{n+1}, Σ_{i: ts_i ∈ (t_n, t_{n+1}]} ⟨∂L/∂ys[i], ys[i]⟩),
+
+the outputs inside the step interpolated from it as in the forward pass, so their cotangents
+enter there. The cotangents of ``(y, ŷ)`` are carried back; those of ``θ`` (the arrays ``f``
+depends on) and ``ts`` are summed. Memory: O(1) states plus the step-time record, whatever the
+number of steps. The result is the derivative of the computed solution with the step sizes
+held fixed (as ``"backprop"`` and ``"checkpoint"`` take it): a step's start time moves with
+``ts[0]``, or with the output time its previous step was clipped to land on (every output of a
+fixed-step grid, the last one of an adaptive solve), and moves its later steps with it.
+
+Reverse mode only (``jax.jvp`` raises JAX's custom_vjp error). Under ``jax.vmap`` and with
+``batched=True`` each problem replays its own steps; the parameter cotangents are summed over
+the batch by ``jax.vmap``'s rule for the unbatched inputs of a ``custom_vjp``. A reconstruction
+that ends non-finite fails the gradient like a failed solve (raises, or NaN with
+``throw=False``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+
+from . import errors
+from .forward import Config, Controls, FlatField, Solution
+from .loop import Loop, LoopState, info_of
+from .methods import Method
+from .methods.reversible import Reversible, uncouple
+from .while_loops import zero_cotangent
+
+
+class Record(NamedTuple):
+    """What the forward pass keeps for the reverse pass."""
+
+    y: Array  # y_N, (n,)
+    yhat: Array  # ŷ_N, (n,)
+    times: Array  # (max_steps + 1,): times[k] = t_k (forward-running time), k <= num_steps
+    num_steps: Array  # accepted steps N
+
+
+def check_options(method: Method, coupling: float, dense: bool, jump_ts) -> Reversible:
+    """The reversible form of ``method``, after checking what the mode needs (at trace time):
+    an explicit method, ``0 < coupling <= 1``, no dense output, no jump times (``ValueError``
+    naming the problem)."""
+    if dense:
+        raise ValueError('gradient="reversible" does not return a dense solution (dense=True): use '
+                         '"backprop" or "checkpoint" for a differentiable DenseSolution')
+    if jump_ts is not None:
+        raise ValueError('gradient="reversible" does not support jump_ts; use "checkpoint" or '
+                         '"backprop", or split the solve at the jump times')
+    return Reversible(method, coupling)
+
+
+def forward(method: Reversible, field: FlatField, y0, ts, diff, nondiff, controls: Controls,
+            cfg: Config) -> tuple[LoopState, Array]:
+    """The solve, recording every accepted step's start time: ``(finished state, times)``."""
+    loop = Loop(
+        lambda y, t: field(y, t, diff, nondiff), y0, ts, controls.rtol, controls.atol, controls.dt0,
+        method=method, max_steps=cfg.max_steps, max_dt=controls.max_dt, progress=cfg.progress,
+    )
+    state = loop.init()
+    times = jnp.zeros((cfg.max_steps + 1,), state.t.dtype).at[0].set(state.t)
+
+    def body(carry):
+        state, times = carry
+        new, _ = loop.step(state)
+        k = state.num_accepted + 1
+        return new, times.at[k].set(jnp.where(new.num_accepted >= k, new.t, times[k]))
+
+    state, times = lax.while_loop(lambda c: loop.running(c[0]), body, (state, times))
+    return loop.finish(state), times
+
+
+def _direction(ts) -> Array:
+    return jnp.where(ts[-1] >= ts[0], 1, -1).astype(ts.dtype)
+
+
+def backward(method: Reversible, field: FlatField, record: Record, ts, diff, nondiff, ct_ys):
+    """The reverse pass: ``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, (y_0, ŷ_0))`` from ``∂L/∂ys`` ``(T, n)``,
+    with the reconstructed initial states (both equal ``y0`` up to the reconstruction's
+    rounding).
+
+    Step ``n``, written as ``a = Ψ_h(ŷ_n)``, ``y_{n+1} = λ y_n + (1 - λ) ŷ_n + a``,
+    ``b = Ψ_{-h}(y_{n+1})``, ``ŷ_{n+1} = ŷ_n - b``, is inverted and differentiated in one go:
+    ``jax.vjp`` of ``b`` at ``y_{n+1}`` gives ``ŷ_n = ŷ_{n+1} + b``, then ``jax.vjp`` of ``a`` at
+    ``ŷ_n`` gives ``y_n``; the cotangents then run back through the same two linearisations
+    (each increment evaluated once per step). The outputs inside the step are a function of the
+    step's values (``y_n, ŷ_n``, the stages of ``a``, ``y_{n+1}``, ``f(y_{n+1})``), whose ``vjp``
+    is taken only for a step that holds outputs.
+    """
+    direction = _direction(ts)
+    s_ts = direction * ts
+    num_out = ts.shape[0]
+    dtype, lam = record.y.dtype, method.coupling
+    ct_ys = ct_ys.astype(dtype)
+    # outputs an accepted step can have been clipped to land on (then its end moves with them)
+    lands_on = jnp.arange(num_out) >= (1 if not method.adaptive else num_out - 1)
+    hermite = method.base.tableau.dense is None
+
+    def g(diff):
+        return lambda y, s: direction.astype(dtype) * field(y, direction * s, diff, nondiff)
+
+    def back(y1, diff, t, t_new):  # (Ψ_{-h}(t_new, y1), f(y1, t_new))
+        return method.backward_increment(g(diff), t, t_new, y1, t_new - t)
+
+    def ahead(yhat, diff, t, t_new):  # (Ψ_h(t, ŷ), its stages)
+        inc, ks, _, _ = method.forward_increment(g(diff), t, t_new, yhat, t_new - t)
+        return inc, jnp.stack(ks)
+
+    def outputs(y, yhat, ks, y1, f1, diff, t, t_new, s_ts):  # Σ_{i in step} ⟨∂L/∂ys[i], ys[i]⟩
+        gd, h = g(diff), t_new - t
+        f0 = gd(y, t) if hermite else None
+        coeffs = method.interpolant(gd, t, y, h, (ks, f0, yhat), y1, f1)
+        values = jax.vmap(lambda th: method.interpolate(y, coeffs, th))(jnp.clip((s_ts - t) / h, 0, 1))
+        values = jnp.where((s_ts == t_new)[:, None], y1, values)
+        inside = (s_ts > t) & (s_ts <= t_new)
+        return jnp.sum(jnp.where(inside[:, None], ct_ys * values, 0))
+
+    def body(carry):
+        n, y1, yhat1, ct_y1, ct_yhat1, ct_diff, ct_s_ts, ct_t1 = carry
+        t, t_new = record.times[n], record.times[n + 1]
+        (b, f1), vjp_back = jax.vjp(back, y1, diff, t, t_new)
+        yhat = yhat1 + b
+        (a, ks), vjp_ahead = jax.vjp(ahead, yhat, diff, t, t_new)
+        y = uncouple(y1, yhat, a, lam)
+        primals = (y, yhat, ks, y1, f1, diff, t, t_new, s_ts)
+        has_outputs = jnp.any((s_ts > t) & (s_ts <= t_new))
+        ct_out = lax.cond(
+            has_outputs,
+            lambda: jax.vjp(outputs, *primals)[1](jnp.ones((), dtype)),
+            lambda: jax.tree_util.tree_map(jnp.zeros_like, primals),
+        )
+        o_y, o_yhat, o_ks, o_y1, o_f1, o_diff, o_t, o_tnew, o_sts = ct_out
+        extra_y1, b_diff, b_t, b_tnew = vjp_back((-ct_yhat1, o_f1))
+        ct_a = ct_y1 + o_y1 + extra_y1  # the cotangent of y_{n+1}, hence of a
+        a_yhat, a_diff, a_t, a_tnew = vjp_ahead((ct_a, o_ks))
+        ct_y = (ct_a if lam == 1 else lam * ct_a) + o_y
+        ct_yhat = ct_yhat1 + a_yhat + o_yhat + (0 if lam == 1 else (1 - lam) * ct_a)
+        ct_diff = jax.tree_util.tree_map(lambda *c: sum(c), ct_diff, b_diff, a_diff, o_diff)
+        ct_t, end_moves = b_t + a_t + o_t, ct_t1 + b_tnew + a_tnew + o_tnew
+        landed = (s_ts == t_new) & lands_on
+        ct_s_ts = ct_s_ts + o_sts + jnp.where(landed, end_moves, 0)
+        ct_t = ct_t + jnp.where(jnp.any(landed), 0, end_moves)
+        return n - 1, y, yhat, ct_y, ct_yhat, ct_diff, ct_s_ts, ct_t
+
+    zeros = jnp.zeros_like(record.y)
+    init = (record.num_steps - 1, record.y, record.yhat, zeros, zeros,
+            jax.tree_util.tree_map(jnp.zeros_like, diff), jnp.zeros_like(s_ts), jnp.zeros((), s_ts.dtype))
+    _, y0, yhat0, ct_y, ct_yhat, ct_diff, ct_s_ts, ct_t0 = lax.while_loop(lambda c: c[0] >= 0, body, init)
+    ct_s_ts = ct_s_ts.at[0].add(ct_t0)
+    ct_y0 = ct_y + ct_yhat + ct_ys[0]
+    return ct_y0, (direction * ct_s_ts).astype(ts.dtype), ct_diff, (y0, yhat0)
+
+
+def _one_problem(field: FlatField, method: Reversible, cfg: Config):
+    """The custom_vjp solve of one problem: ``(y0, ts, diff, nondiff, controls) -> (ys, info, h)``."""
+
+    def run(y0, ts, diff, nondiff, controls):
+        state, times = forward(method, field, y0, ts, diff, nondiff, controls, cfg)
+        out = (state.ys, info_of(state, _direction(ts)), state.h)
+        return out, Record(state.y, state.method_state[0], times, state.num_accepted), state.status
+
+    @jax.custom_vjp
+    def solve(y0, ts, diff, nondiff, controls):
+        return run(y0, ts, diff, nondiff, controls)[0]
+
+    def fwd(y0, ts, diff, nondiff, controls):
+        out, record, status = run(y0, ts, diff, nondiff, controls)
+        return out, (record, ts, diff, nondiff, controls, status)
+
+    def bwd(residuals, cotangents):
+        record, ts, diff, nondiff, controls, status = residuals
+        ct_ys = cotangents[0]
+        ct_y0, ct_ts, ct_diff, (y0, yhat0) = backward(method, field, record, ts, diff, nondiff, ct_ys)
+        finite = jnp.all(jnp.isfinite(y0)) & jnp.all(jnp.isfinite(yhat0))
+        reconstructed = jnp.where(finite, errors.SUCCESS, errors.NONFINITE)
+        status = jnp.where(status != errors.SUCCESS, status, reconstructed)
+        cts = (ct_y0, ct_ts, ct_diff)
+        if cfg.throw:
+            cts = errors.raise_on_failure(cts, status)
+        else:
+            cts = jax.tree_util.tree_map(lambda x: jnp.where(status != errors.SUCCESS, jnp.nan, x), cts)
+        return cts + jax.tree_util.tree_map(zero_cotangent, (nondiff, controls))
+
+    solve.defvjp(fwd, bwd)
+    return solve
+
+
+def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_tols, cfg: Config) -> Solution:
+    """The mode's entry in ``gradients.MODES``: the reversible solve, differentiated by
+    ``backward`` (``adjoint_tols`` unused). ``batched``: ``jax.vmap`` over ``y0``."""
+    method = check_options(cfg.method, cfg.reversible_coupling, cfg.dense, controls.jump_ts)
+    one = _one_problem(field, method, cfg)
+    if cfg.batched:
+        ys, info, h = jax.vmap(one, in_axes=(0, None, None, None, None))(y0, ts, diff, nondiff, controls)
+    else:
+        ys, info, h = one(y0, ts, diff, nondiff, controls)
+    return Solution(ys, info, None, h)
