@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 from .base import Method, StepResult
+from .esdirk import ESDIRK
+from .esdirk import TABLEAUS as _ESDIRK_TABLEAUS
 from .explicit import ExplicitRK
 from .tableaus import SOLVERS, ButcherTableau
 
-__all__ = ["METHODS", "ButcherTableau", "ExplicitRK", "Method", "StepResult", "get_method"]
+__all__ = ["ESDIRK", "METHODS", "ButcherTableau", "ExplicitRK", "Method", "StepResult", "get_method"]
 
 METHODS: dict[str, Method] = {name: ExplicitRK(tableau) for name, tableau in SOLVERS.items()}
+METHODS.update({name: ESDIRK(tableau) for name, tableau in _ESDIRK_TABLEAUS.items()})
 
 
 def get_method(solver: str | ButcherTableau | Method) -> Method:

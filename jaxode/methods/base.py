@@ -104,6 +104,12 @@ class Method(abc.ABC):
         """The method's carry at the start (default: none)."""
         return ()
 
+    def init_with_tolerances(self, field: Field, t0: Array, y0: Array, f0: Array, rtol, atol) -> Any:
+        """The carry at the start, for a method that needs the error tolerances in its step (an
+        implicit method's Newton iteration measures its convergence by them); the loop calls
+        this. Default: ``init``."""
+        return self.init(field, t0, y0, f0)
+
     @abc.abstractmethod
     def step(self, field: Field, t, y, h, f0, state, t_end) -> StepResult:
         """One step attempt from ``(t, y)`` by ``h``, reusing ``f0 = field(y, t)``."""
