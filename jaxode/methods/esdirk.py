@@ -268,7 +268,9 @@ class ESDIRK(Method):
         def solve(fun, start):
             return self._newton(fun, start, lu, y, state, eta, active)
 
-        return lax.custom_root(residual, guess, solve, _tangent_solve, has_aux=True)
+        # (the auxiliary outputs travel as floats: custom_root gives them tangents of their dtype)
+        stage, (ok, iterations, eta) = lax.custom_root(residual, guess, solve, _tangent_solve, has_aux=True)
+        return stage, (lax.stop_gradient(ok) > 0, lax.stop_gradient(iterations).astype(jnp.int32), eta)
 
     def _newton(self, residual, start, lu, y, state: NewtonState, eta, active):
         """The simplified Newton iteration (see the module docstring)."""
@@ -299,7 +301,7 @@ class ESDIRK(Method):
             jnp.where(active, 0, 2),
         )
         out = lax.while_loop(lambda c: c.status == 0, body, init)
-        return out.y, (out.status == 1, out.iterations, out.eta)
+        return out.y, ((out.status == 1).astype(edtype), out.iterations.astype(edtype), out.eta)
 
 
 def _tangent_solve(linear, rhs):
