@@ -260,6 +260,18 @@ def test_stiff_linear_system_matches_expm_in_few_steps(name):
     assert int(info.status) == 0 and int(info.num_jacobians) == int(info.num_steps)
 
 
+def test_dense_output_is_cubic_hermite():
+    """``dense=True``: the accepted steps' Hermite interpolants, 3rd order inside each step,
+    against expm at times between the outputs."""
+    ts = jnp.array([0.0, 0.1, 1.0, 5.0])
+    ys, info, sol = jaxode.odesolve(linear_field, Z_LINEAR, ts, jnp.asarray(STIFF_A), solver="kvaerno5",
+                                    rtol=1e-8, atol=1e-10, full_output=True, dense=True)
+    times = np.linspace(0.2, 5.0, 17)
+    exact = np.stack([expm(STIFF_A * t) @ np.asarray(Z_LINEAR) for t in times])
+    np.testing.assert_allclose(sol(jnp.asarray(times)), exact, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sol(ts), ys, rtol=0, atol=1e-14)
+
+
 def test_decreasing_ts_stiff_backwards():
     """Backwards in time, ``z' = -A z`` is the stiff decaying system: from t = 5 to 0."""
     ts = jnp.array([5.0, 4.9, 4.0, 0.0])
