@@ -449,3 +449,18 @@ def test_forward_mode_backprop_matches_finite_differences():
     _, tangent = jax.jvp(lambda x: loss(x[:2], x[2:]), (jnp.concatenate([P0, Z0]),), (direction,))
     expected = central(loss, P0, Z0) @ np.asarray(direction)
     np.testing.assert_allclose(tangent, expected, rtol=1e-6)
+
+
+def test_batched_adjoint_quadrature_over_the_stages():
+    """``batched=True`` with the (default) adjoint accumulates the parameter adjoint by the
+    quadrature over the method's nodes (its stages, weights b): against backprop."""
+    z0s = jnp.stack([Z0, jnp.array([0.3, 0.9])])
+
+    def loss(mode, p):
+        ys = jaxode.odesolve(kinetics, z0s, TS, p, solver="kvaerno5", rtol=1e-10, atol=1e-10, gradient=mode,
+                             batched=True, max_steps=20_000)
+        return jnp.sum(ys**2)
+
+    adjoint = jax.jit(jax.grad(lambda p: loss("adjoint", p)))(P0)
+    exact = jax.jit(jax.grad(lambda p: loss("backprop", p)))(P0)
+    assert relative_error(adjoint, exact) < 1e-5
