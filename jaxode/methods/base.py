@@ -20,7 +20,9 @@ One step::
 
 * ``state`` is the method's own carry (``init``): nothing for a Runge–Kutta method, a second
   state for a reversible scheme, a reusable Jacobian for an implicit one. The loop keeps the
-  state of the last accepted step.
+  state of the last accepted step. The loop starts it by ``init_with_tolerances``, which
+  passes ``rtol`` and ``atol`` on to a method whose step needs them (an ESDIRK method's Newton
+  iteration) and is ``init`` otherwise.
 * ``t_end`` is the latest time any stage may be evaluated at: ``t + h`` itself, or just
   before it when the step ends on a discontinuity of ``f`` (``jump_ts``).
 * A method that cannot complete a step on its own terms (a Newton iteration that does not

@@ -197,6 +197,8 @@ class ESDIRK(Method):
         return tuple(b for b in self.tableau.b if b != 0)
 
     def init(self, field: Field, t0, y0, f0) -> NewtonState:
+        """A carry with tolerances of 1e-6 (for a step taken outside the loop, which starts the
+        carry by ``init_with_tolerances``)."""
         edtype = control.error_dtype(y0.dtype)
         one = jnp.ones((), edtype)
         return NewtonState(1e-6 * one, 1e-6 * one, one)
