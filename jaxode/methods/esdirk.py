@@ -23,6 +23,8 @@ iterations allowed) or after ``m`` iterations; a failed stage makes the step's e
 infinite, so the controller rejects it and tries a smaller step. ``k_i`` is read off the stage
 equation, ``k_i = (Y_i - y - h Σ a_ij k_j) / (hγ)``, which does not amplify the iteration's
 error by a stiff ``J`` (and costs no evaluation); ``f_new = k_{s-1}`` (first same as last).
+``StepResult.nfe`` counts the iterations' evaluations of ``g``; the Jacobian (``n`` JVPs, and
+the one evaluation of ``g`` inside them) counts in ``num_jacobians``.
 
 Derivatives: each stage is a ``lax.custom_root`` of ``F(Y) = Y - y - h Σ a_ij k_j - hγ g(Y, t_i)``:
 its derivative is the implicit one, ``dY = (I - hγ ∂g/∂Y(Y*))⁻¹ (∂F/∂(y, h, θ, ...) · d(...))``,
