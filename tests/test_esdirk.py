@@ -101,6 +101,9 @@ def test_kvaerno3_gamma_is_the_l_stability_root():
 def test_registered_and_invalid_tableaus():
     assert isinstance(METHODS["kvaerno3"], ESDIRK) and METHODS["kvaerno5"].tableau is KVAERNO5
     assert get_method("kvaerno5").quadrature_weights == tuple(b for b in KVAERNO5.b if b != 0)
+    with pytest.raises(ValueError, match="unknown solver") as err:
+        get_method("kvaerno4")
+    assert "'kvaerno3'" in str(err.value) and "'kvaerno5'" in str(err.value)
     with pytest.raises(ValueError, match="sum to c"):
         ESDIRKTableau("bad", 1, 0, 0.5, (0.0, 1.0), ((0.4,),), (0.5, 0.5))
     with pytest.raises(ValueError, match="b_hat"):
