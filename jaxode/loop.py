@@ -252,7 +252,8 @@ class Loop:
         int_ = jnp.int32
         return LoopState(
             t=s0, y=y0, f=f0, h=h0, ratio_prev=jnp.ones((), self.edtype),
-            method_state=method.init(self.g, s0, y0, f0), ys=ys, dense=self._empty_dense(),
+            method_state=method.init_with_tolerances(self.g, s0, y0, f0, self.rtol, self.atol),
+            ys=ys, dense=self._empty_dense(),
             i_out=jnp.ones((), int_), num_accepted=jnp.zeros((), int_), num_rejected=jnp.zeros((), int_),
             nfe=jnp.asarray(nfe0, int_), num_jacobians=jnp.zeros((), int_), finite=jnp.ones((), bool),
             status=status.astype(int_),

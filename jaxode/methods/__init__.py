@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from .auto import AutoSwitch
 from .base import Method, StepResult
+from .esdirk import ESDIRK
+from .esdirk import TABLEAUS as _ESDIRK_TABLEAUS
 from .explicit import ExplicitRK
 from .rosenbrock import ROSENBROCK_TABLEAUS, Rosenbrock
 from .tableaus import SOLVERS, ButcherTableau
 
 __all__ = [
-    "METHODS", "AutoSwitch", "ButcherTableau", "ExplicitRK", "Method", "Rosenbrock", "StepResult",
+    "ESDIRK", "METHODS", "AutoSwitch", "ButcherTableau", "ExplicitRK", "Method", "Rosenbrock", "StepResult",
     "get_method",
 ]
 
 METHODS: dict[str, Method] = {name: ExplicitRK(tableau) for name, tableau in SOLVERS.items()}
 METHODS.update({name: Rosenbrock(tableau) for name, tableau in ROSENBROCK_TABLEAUS.items()})
+METHODS.update({name: ESDIRK(tableau) for name, tableau in _ESDIRK_TABLEAUS.items()})
 METHODS["auto"] = AutoSwitch(METHODS["tsit5"], METHODS["rodas5p"])
 
 

@@ -20,7 +20,9 @@ One step::
 
 * ``state`` is the method's own carry (``init``): nothing for a Runge–Kutta method, a second
   state for a reversible scheme, a reusable Jacobian for an implicit one. The loop keeps the
-  state of the last accepted step.
+  state of the last accepted step. The loop starts it by ``init_with_tolerances``, which
+  passes ``rtol`` and ``atol`` on to a method whose step needs them (an ESDIRK method's Newton
+  iteration) and is ``init`` otherwise.
 * ``t_end`` is the latest time any stage may be evaluated at: ``t + h`` itself, or just
   before it when the step ends on a discontinuity of ``f`` (``jump_ts``).
 * A method that cannot complete a step on its own terms (a Newton iteration that does not
@@ -107,6 +109,12 @@ class Method(abc.ABC):
     def init(self, field: Field, t0: Array, y0: Array, f0: Array) -> Any:
         """The method's carry at the start (default: none)."""
         return ()
+
+    def init_with_tolerances(self, field: Field, t0: Array, y0: Array, f0: Array, rtol, atol) -> Any:
+        """The carry at the start, for a method that needs the error tolerances in its step (an
+        implicit method's Newton iteration measures its convergence by them); the loop calls
+        this. Default: ``init``."""
+        return self.init(field, t0, y0, f0)
 
     @abc.abstractmethod
     def step(self, field: Field, t, y, h, f0, state, t_end) -> StepResult:
