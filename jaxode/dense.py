@@ -72,9 +72,12 @@ class DenseSolution(eqx.Module):
         return jax.tree_util.tree_map(lambda x: x.reshape(shape + x.shape[1:]), tree)
 
 
-def evaluate_steps(steps: DenseSteps, t0, t1, direction, method: Method, t) -> Array:
+def evaluate_steps(
+    steps: DenseSteps, t0, t1, direction, method: Method, t, extrapolate: bool = False
+) -> Array:
     """The flat solution ``S + (n,)`` at the times ``t`` (shape ``S``) from the dense ``steps``
-    of a solve from ``t0`` to ``t1`` (NaN outside)."""
+    of a solve from ``t0`` to ``t1``: NaN outside, or with ``extrapolate`` the first or last
+    step's interpolant continued there."""
     s = direction * t.astype(steps.t.dtype)
     s0, s1 = direction * t0, direction * t1
 
@@ -82,6 +85,6 @@ def evaluate_steps(steps: DenseSteps, t0, t1, direction, method: Method, t) -> A
         k = jnp.clip(jnp.searchsorted(steps.t, s, side="right") - 1, 0, steps.t.shape[0] - 1)
         theta = (s - steps.t[k]) / steps.h[k]
         y = method.interpolate(steps.y[k], steps.coefficients[k], theta)
-        return jnp.where((s >= s0) & (s <= s1), y, jnp.nan)
+        return y if extrapolate else jnp.where((s >= s0) & (s <= s1), y, jnp.nan)
 
     return jax.vmap(one)(s.reshape(-1)).reshape(s.shape + steps.y.shape[-1:])

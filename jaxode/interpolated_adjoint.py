@@ -143,8 +143,9 @@ def _segment(f, theta, t0, y0, h0, t1, a1, controls: Controls, bwd_controls: Con
                         driver="flat", save_outputs=False, save_dense=True, **local)
     direction = jnp.where(t1 >= t0, 1, -1).astype(span.dtype)
 
-    def z_at(t):
-        return evaluate_steps(resolve.dense, t0, direction * resolve.t, direction, method, t)
+    def z_at(t):  # continued past the segment's ends: some methods' stages lie beyond their step
+        t1_reached = direction * resolve.t
+        return evaluate_steps(resolve.dense, t0, t1_reached, direction, method, t, extrapolate=True)
 
     def adjoint_field(a, t):
         _, vjp = jax.vjp(lambda z: f(z, t, theta), z_at(t))

@@ -100,10 +100,11 @@ def test_second_derivatives_refused_and_info():
     assert int(bwd.nfe) > int(fwd.nfe)  # the re-solves and quadratures are counted
 
 
-@pytest.mark.parametrize("solver", ["rodas5p", "rosenbrock23"])
+@pytest.mark.parametrize("solver", ["rodas5p", "rosenbrock23", "kvaerno5"])
 def test_stiff_method_adjoint_is_the_interpolating_one(solver):
     """With an implicit method the adjoint interpolates by default: on z' = p A z with eigenvalues
-    down to -1e4 its gradients match expm's; the backsolve (forced) fails or is far off."""
+    down to -1e4 its gradients match expm's; the backsolve (forced) fails or is far off.
+    (kvaerno5 evaluates a stage past its step: z is then the last interpolant continued.)"""
     a = np.asarray(_stiff_system())
     z0, ts = jnp.array([1.0, 2.0, -1.0, 0.5]), jnp.array([0.0, 0.5, 1.0])
     stiffer = lambda z, t, p: 10.0 * _linear(z, t, p)  # eigenvalues -10 ... -1e4
@@ -121,7 +122,7 @@ def test_stiff_method_adjoint_is_the_interpolating_one(solver):
     z1, z2 = e1 @ np.asarray(z0), e2 @ np.asarray(z0)
     want_z0 = e2.T @ np.ones(4) + e1.T @ (2 * z1)
     want_p = np.ones(4) @ (m @ z2) + (2 * z1) @ (0.5 * m @ z1)
-    rtol = 1e-6 if solver == "rodas5p" else 1e-3
+    rtol = {"rodas5p": 1e-6, "rosenbrock23": 1e-3, "kvaerno5": 1e-4}[solver]
     np.testing.assert_allclose(g_z0, want_z0, rtol=rtol, atol=1e-9)
     np.testing.assert_allclose(g_p, want_p, rtol=rtol)
     backsolve = jax.grad(loss, (0, 1))(z0, 1.0, False, False)
