@@ -154,8 +154,10 @@ def odesolve(
         solver: ``"euler"``, ``"midpoint"``, ``"heun"``, ``"rk4"`` (fixed step; need ``dt0``),
             ``"bosh3"``, ``"dopri5"``, ``"tsit5"`` (default), ``"dopri8"`` (adaptive), or a
             ``jaxode.ButcherTableau``; for stiff problems ``"rosenbrock23"``, ``"rodas5p"``
-            (Rosenbrock methods: one exact Jacobian and LU per step, ``jaxode.methods.rosenbrock``)
-            or ``"auto"`` (tsit5, switching to rodas5p while the problem is stiff).
+            (Rosenbrock methods: one exact Jacobian and LU per step, ``jaxode.methods.rosenbrock``),
+            ``"kvaerno3"``, ``"kvaerno5"`` (ESDIRK methods, stages by a simplified Newton
+            iteration, ``jaxode.methods.esdirk``) or ``"auto"`` (tsit5, switching to rodas5p while
+            the problem is stiff); or any ``jaxode.Method``.
         rtol, atol: tolerances (default ``1e-6`` each): a step is accepted when the RMS norm of
             its error estimate divided by ``atol + rtol * max(|z_n|, |z_{n+1}|)`` is <= 1.
             Traced values are fine: changing them does not recompile.
