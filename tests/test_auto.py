@@ -73,7 +73,7 @@ def test_switches_to_stiff_and_back():
     assert int(info.num_steps) * 4 < int(info_t.num_steps)
 
 
-@pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
+@pytest.mark.parametrize("gradient", [pytest.param("backprop", marks=pytest.mark.slow), "checkpoint"])
 def test_gradient_across_switches(gradient):
     """``z(8) = p cos 8``: ``dz(8)/dp = cos 8``, through the steps of both methods."""
     def final(p):
@@ -129,7 +129,7 @@ def test_validation():
         AutoSwitch(METHODS["dopri8"], METHODS["rodas5p"])
 
 
-@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("batched", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_adjoint_non_stiff(batched):
     """The adjoint (plain, and batched with its Simpson quadrature) through auto on a non-stiff
     problem, against central differences."""

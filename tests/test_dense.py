@@ -68,7 +68,7 @@ def test_dense_batched():
     np.testing.assert_allclose(at["x"], ys["x"], rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
+@pytest.mark.parametrize("gradient", [pytest.param("backprop", marks=pytest.mark.slow), "checkpoint"])
 def test_dense_gradient_equals_odesolve_gradient(gradient):
     """Differentiating the dense solution at t = 2.3 gives the gradient of ``odesolve``'s output
     there (same steps): backprop and checkpoint differentiate through the dense steps."""

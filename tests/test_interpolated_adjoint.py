@@ -32,7 +32,8 @@ def _loss(gradient, interpolate, solver="tsit5", tol=1e-10):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-@pytest.mark.parametrize("solver", ["tsit5", "dopri8", "bosh3"])
+@pytest.mark.parametrize("solver", ["tsit5", pytest.param("dopri8", marks=pytest.mark.slow),
+                                    pytest.param("bosh3", marks=pytest.mark.slow)])
 def test_gradients_match_backprop(solver):
     """All of ∂L/∂z0, ∂L/∂θ, ∂L/∂ts (outputs inside the loss too) agree with the exact derivative
     of the computed solution at tight tolerance."""
@@ -87,6 +88,7 @@ def test_stiff_decay_gradient_where_the_backsolve_fails():
     assert not np.allclose(backsolve[1], want_p, rtol=1e-3)  # NaN (failed) or far off
 
 
+@pytest.mark.slow
 def test_second_derivatives_refused_and_info():
     loss = lambda p: jnp.sum(jaxode.odesolve(_forced, Z0, TS, p, adjoint_interpolate=True))
     with pytest.raises(NotImplementedError, match="interpolating adjoint"):
@@ -100,7 +102,9 @@ def test_second_derivatives_refused_and_info():
     assert int(bwd.nfe) > int(fwd.nfe)  # the re-solves and quadratures are counted
 
 
-@pytest.mark.parametrize("solver", ["rodas5p", "rosenbrock23", "kvaerno5"])
+@pytest.mark.parametrize(
+    "solver", ["rodas5p", pytest.param("rosenbrock23", marks=pytest.mark.slow), "kvaerno5"]
+)
 def test_stiff_method_adjoint_is_the_interpolating_one(solver):
     """With an implicit method the adjoint interpolates by default: on z' = p A z with eigenvalues
     down to -1e4 its gradients match expm's; the backsolve (forced) fails or is far off.

@@ -259,7 +259,7 @@ def _stiff_loss_fn(name, gradient):
     return loss, np.asarray(w)
 
 
-@pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
+@pytest.mark.parametrize("gradient", [pytest.param("backprop", marks=pytest.mark.slow), "checkpoint"])
 def test_gradient_stiff_linear_against_expm(gradient):
     """``L = w·exp(sAT) z0``: ``∂L/∂z0 = exp(sAT)ᵀ w`` and ``∂L/∂s = w·exp(sAT) AT z0``."""
     loss, w = _stiff_loss_fn("rodas5p", gradient)
@@ -272,7 +272,8 @@ def test_gradient_stiff_linear_against_expm(gradient):
 
 @pytest.mark.parametrize(
     "name, gradient",
-    [("rodas5p", "backprop"), ("rodas5p", "checkpoint"), ("rodas5p", "adjoint"),
+    [pytest.param("rodas5p", "backprop", marks=pytest.mark.slow),
+     pytest.param("rodas5p", "checkpoint", marks=pytest.mark.slow), ("rodas5p", "adjoint"),
      ("rosenbrock23", "backprop")],
 )
 def test_gradient_against_finite_differences(name, gradient):
@@ -301,6 +302,7 @@ def test_gradient_forward_mode_backprop():
     np.testing.assert_allclose(np.asarray(tangent), np.asarray(fd), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_gradient_batched_adjoint():
     """``batched=True`` with the adjoint: the parameter adjoint by the method's quadrature
     nodes (Simpson on the dense output), against central differences."""

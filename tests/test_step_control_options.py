@@ -44,6 +44,7 @@ def test_max_dt_bounds_every_step(gradient, ts):
     assert _with_max_dt(gradient)._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_max_dt_gradient_matches_without_bound():
     """The bound changes the steps, not what is computed: gradients agree with the analytic one."""
     ts = jnp.array([0.0, 2.0])
