@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from . import errors
+from . import errors, events
 from .gradients import MODES
 from .methods import ButcherTableau, Method, get_method
 
@@ -52,6 +52,7 @@ class Options:
         jump_ts: times at which the field is discontinuous (default ``None``).
         dense: also return a ``DenseSolution`` (default ``False``).
         progress: show a progress bar of the solve's time (default ``False``; needs tqdm).
+        events: a ``jaxode.Event`` or a list of them (default ``None``), held as a tuple.
     """
 
     solver: str | ButcherTableau | Method = "tsit5"
@@ -70,6 +71,7 @@ class Options:
     jump_ts: Any = None
     dense: bool = False
     progress: bool = False
+    events: Any = None
 
     def __post_init__(self):
         if self.gradient not in MODES:
@@ -80,6 +82,7 @@ class Options:
         )
         if self.jump_ts is not None:
             object.__setattr__(self, "jump_ts", errors.check_jump_ts(self.jump_ts))
+        object.__setattr__(self, "events", events.check_events(self.events))
         for name in _FLAGS:
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
