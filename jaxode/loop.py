@@ -399,7 +399,8 @@ class Loop:
             if self.events is not None:  # the step truncated at an event
                 new, coeffs = self.lazy_coefficients(new, at, at.accept)
                 new, at = events.after_step(self, state, new, at, coeffs)
-            arrived = at.accept & at.landed
+            # landed on the output time itself, not on a jump time (or event) before it
+            arrived = at.accept & at.landed & (at.t_new >= self.s_ts[i])
             ys = new.ys
             if ys is not None:
                 ys = ys.at[i].set(jnp.where(arrived, at.y_new, ys[i]))
