@@ -30,7 +30,11 @@ when the update leaves the condition unchanged, as a bounce that only flips the 
 without an update), and a carried value of exactly 0 is replaced by the condition's rate of
 change ``dc/dt = ∂c/∂z · f + ∂c/∂t`` there: the side the solution moves to. So an event does
 not fire again at the time it just fired, and a state reset away from the surface (a neuron's
-``v → v_reset``) is seen from its new side. The same rule applies at ``ts[0]``.
+``v → v_reset``) is seen from its new side. The same rule applies at ``ts[0]``. One exception:
+an update that changed the state but left it on the surface moving as in a crossing of the
+event's ``direction`` (a ball at rest, whose bounce leaves a velocity pointing down by
+rounding) carries the opposite sign, so the event fires again at once instead of being
+crossed unseen; a ball bouncing to rest then ends in the Zeno error, never falls through.
 
 Derivatives. The root finder is never differentiated: ``θ*`` is defined implicitly by
 ``g(θ*, p) = 0`` (``p``: the step's start, interpolant, time, step, and the parameters), so
@@ -277,7 +281,11 @@ def after_step(loop, old, new, at, coeffs):
         c_plus, rate = _values_and_rates(loop, y_plus, s_star, f_plus)
         c_star = ev.values(y_star, d * s_star)
         c_plus = jnp.where(idx == k, c_plus - c_star, c_plus)
-        return y_plus, f_plus, _side(c_plus, rate)
+        # an update that leaves the state on the surface moving as in a crossing of the event's
+        # direction (a ball at rest whose bounce leaves it falling): it fires again at once
+        dirs = jnp.asarray(flat.directions)
+        again = jnp.any(y_plus != y_star) & (dirs != 0) & (jnp.sign(rate) == dirs) & (idx == k)
+        return y_plus, f_plus, _side(c_plus, jnp.where(again, -rate, rate))
 
     def go_on():
         return new.y, new.f, jnp.where(at.accept, c_end, carry.c)
