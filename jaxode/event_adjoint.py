@@ -67,7 +67,8 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
     """The forward ``Solution`` with events, differentiated by the backward adjoint solve with
     the jump conditions (module docstring). ``batched``: ``jax.vmap`` of one problem's solve."""
     if cfg.batched:
-        one = lambda y: solve(field, y, ts, diff, nondiff, controls, adjoint_tols, cfg._replace(batched=False))
+        single = cfg._replace(batched=False)
+        one = lambda y: solve(field, y, ts, diff, nondiff, controls, adjoint_tols, single)
         return jax.vmap(one)(y0)
 
     @jax.custom_vjp
@@ -158,7 +159,7 @@ def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys,
 
         def apply():
             tau_j, z_minus, k = times[j], states[j], which[j]
-            z, a, a_th = y[:n], y[n : 2 * n], y[2 * n : 2 * n + p]
+            a, a_th = y[n : 2 * n], y[2 * n : 2 * n + p]
             f_minus = f_at(z_minus, tau_j, theta).astype(dtype)
             z_plus, vjp_u = jax.vjp(lambda z, t, th: upd_at(k, z, t, th), z_minus, tau_j, theta)
             f_plus = f_at(z_plus, tau_j, theta).astype(dtype)
@@ -185,7 +186,9 @@ def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys,
         y = jump(ts_rev[i], y)  # an event exactly at an output time
         return y.at[:n].set(ys_rev[i].astype(dtype)).at[n : 2 * n].add(ct_rev[i])
 
-    jumps = times if controls.jump_ts is None else jnp.concatenate([controls.jump_ts.astype(times.dtype), times])
+    jumps = times
+    if controls.jump_ts is not None:  # the user's, and the event times
+        jumps = jnp.concatenate([controls.jump_ts.astype(times.dtype), times])
     y_init = jnp.concatenate([z_end.astype(dtype), a_end, ath_end])
     parts = ((0, n), (n, 2 * n)) if (cfg.seminorm or p == 0) else ((0, n), (n, 2 * n), (2 * n, 2 * n + p))
     state = integrate(

@@ -124,7 +124,9 @@ def check_functions(events: tuple[Event, ...], z0, t, params) -> None:
         try:
             out = eqx.filter_eval_shape(ev.condition, z0, t, params)
         except Exception as e:
-            raise TypeError(f"calling events[{i}].condition(z, t, params) failed: {type(e).__name__}: {e}") from e
+            raise TypeError(
+                f"calling events[{i}].condition(z, t, params) failed: {type(e).__name__}: {e}"
+            ) from e
         leaves = jax.tree_util.tree_leaves(out)
         if len(leaves) != 1 or leaves[0].shape != () or not jnp.issubdtype(leaves[0].dtype, jnp.floating):
             got = [(x.shape, str(x.dtype)) for x in leaves] if leaves else out
@@ -136,10 +138,14 @@ def check_functions(events: tuple[Event, ...], z0, t, params) -> None:
         try:
             new = eqx.filter_eval_shape(ev.update, z0, t, params)
         except Exception as e:
-            raise TypeError(f"calling events[{i}].update(z, t, params) failed: {type(e).__name__}: {e}") from e
+            raise TypeError(
+                f"calling events[{i}].update(z, t, params) failed: {type(e).__name__}: {e}"
+            ) from e
         s_in, s_out = jax.tree_util.tree_structure(z0), jax.tree_util.tree_structure(new)
         if s_in != s_out:
-            raise ValueError(f"events[{i}].update must return the structure of z0: expected {s_in}, got {s_out}")
+            raise ValueError(
+                f"events[{i}].update must return the structure of z0: expected {s_in}, got {s_out}"
+            )
         for a, b in zip(jax.tree_util.tree_leaves(z0), jax.tree_util.tree_leaves(new)):
             a = jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
             if (a.shape, a.dtype) != (b.shape, b.dtype):
@@ -369,7 +375,8 @@ def _chandrupatla(g, lo, hi, g_lo, g_hi, atol) -> Array:
         phi = (fa - fb) / jnp.where(fc != fb, fc - fb, 1)
         iqi = (phi**2 < xi) & ((1 - phi) ** 2 < 1 - xi)
         den = lambda u: jnp.where(u != 0, u, 1)
-        t_iqi = fa / den(fb - fa) * fc / den(fb - fc) + (c - a) / den(b - a) * fa / den(fc - fa) * fb / den(fc - fb)
+        t_iqi = (fa / den(fb - fa) * fc / den(fb - fc)
+                 + (c - a) / den(b - a) * fa / den(fc - fa) * fb / den(fc - fb))
         t = jnp.clip(jnp.where(iqi, t_iqi, 0.5), tlim, 1 - tlim)
         return dict(a=a, fa=fa, b=b, fb=fb, c=c, fc=fc, t=t, i=s["i"] + 1, done=done)
 
