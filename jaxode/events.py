@@ -265,7 +265,9 @@ def after_step(loop, old, new, at, coeffs):
     thetas_star = []
     for e in range(num):
         g = functools.partial(_g, loop.method.interpolate, flat.conditions[e])
-        bracket = (lo[e], hi[e], v_lo[e], v_hi[e], atol)
+        # a bracket of width 0 where the event did not fire: under jax.vmap (where lax.cond runs
+        # both branches) its root finder stops after one evaluation
+        bracket = (jnp.where(fired[e], lo[e], 1), jnp.where(fired[e], hi[e], 1), v_lo[e], v_hi[e], atol)
         locate = lambda g=g, bracket=bracket: root(g, bracket, step_args)
         thetas_star.append(lax.cond(fired[e], locate, lambda: jnp.ones((), tdtype)))
     theta_all = jnp.stack(thetas_star)
