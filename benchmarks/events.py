@@ -138,8 +138,8 @@ def main(argv=None):
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['tol']:g} | {r['library']} | {r['t_err']:.1e} | {r['solve_ms']:.2f} | {r['nfe']} | "
-                     f"{r['grad_ms']:.2f} | {r['grad_rel_err']:.1e} |")
+        lines.append(f"| {r['tol']:g} | {r['library']} | {r['t_err']:.1e} | {r['solve_ms']:.2f} | "
+                     f"{r['nfe']} | {r['grad_ms']:.2f} | {r['grad_rel_err']:.1e} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -328,3 +328,22 @@ def test_jump_between_outputs_on_the_flat_driver(mode):
     np.testing.assert_allclose(ys[:, 0], np.exp(-np.asarray(ts)), rtol=1e-5)  # rk4: ~2e-6
     loss = lambda p: jnp.sum(jaxode.odesolve(f, z0, ts, p, jump_ts=jumps, gradient=mode, **TOL)[-1])
     np.testing.assert_allclose(jax.grad(loss)(1.0), -40 * 2 * np.exp(-2.0), rtol=1e-8)
+
+
+@pytest.mark.parametrize("mode, solver", [("adjoint", "dopri8"), ("backprop", "rk4"),
+                                          ("checkpoint", "tsit5")])
+def test_backwards_in_time_other_solvers_and_their_gradients(mode, solver):
+    """Decreasing ts (the ball's height is even in t: t* = -sqrt(2h/g)), a fixed-step solver,
+    and DOP853 (whose interpolant costs evaluations)."""
+    exact = lambda h, g: -jnp.sqrt(2 * h / g)
+    options = dict(dt0=0.1) if solver == "rk4" else TOL
+
+    def t_star(h, g):
+        z0, ts = jnp.stack([h, 0.0, 0.0]), jnp.array([0.0, -3.0])
+        _, info = jaxode.odesolve(ball, z0, ts, {"g": g, "e": 0.0}, events=GROUND, gradient=mode,
+                                  solver=solver, full_output=True, **options)
+        return info.event_time
+
+    np.testing.assert_allclose(t_star(H0, G), exact(H0, G), rtol=1e-12)
+    grads = jax.grad(t_star, argnums=(0, 1))(H0, G)
+    np.testing.assert_allclose(grads, jax.grad(exact, argnums=(0, 1))(H0, G), rtol=1e-10)
