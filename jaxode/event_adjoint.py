@@ -31,7 +31,8 @@ outputs after ``τ`` (NaN, not reached) get no cotangent. Without a terminal eve
 ``∂L/∂ts[0] = -a(t_0⁺)·f(z0, t_0)`` (shifting the start with ``z0`` fixed is the perturbation
 ``δz0 = -f δt_0``, events included).
 
-Memory: the record holds ``max_steps`` slots of ``(τ, z⁻, index)`` (each event ends a step);
+Memory: with a non-terminal event the record holds ``max_steps`` slots of ``(τ, z⁻, index)``
+(each event ends a step), ``max_steps × n`` numbers;
 ``batched=True`` and ``jax.vmap`` run one backward solve per problem (per-problem parameter
 adjoints, summed by JAX). Not covered: an event exactly at an output time other than ``ts[-1]``
 is applied there too; one exactly at ``ts[-1]`` (non-terminal) is not.
@@ -53,7 +54,8 @@ from .while_loops import zero_cotangent
 
 def _forward(field: FlatField, y0, ts, diff, nondiff, controls: Controls, cfg: Config, record: bool):
     """The forward solve with events; ``record``: keep the non-terminal events."""
-    events = cfg.events.for_loop((diff, nondiff), record=record, buffer=cfg.max_steps)
+    resets = not all(cfg.events.terminal)  # only non-terminal events need the record
+    events = cfg.events.for_loop((diff, nondiff), record=record, buffer=cfg.max_steps if resets else 1)
     state = integrate(
         lambda y, t: field(y, t, diff, nondiff), y0, ts, controls.rtol, controls.atol, controls.dt0,
         method=cfg.method, max_steps=cfg.max_steps, max_dt=controls.max_dt, jump_ts=controls.jump_ts,

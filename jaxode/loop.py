@@ -75,7 +75,8 @@ class Info(NamedTuple):
             that fired, else ``ts[-1]`` (differentiable; NaN if the solve failed); else ``None``.
         event_state: with ``events``: the state there (NaN if the solve failed); else ``None``.
         event_index: with ``events``: the terminal event that fired, ``-1`` if none.
-        num_events: with ``events``: how many events (terminal or not) fired.
+        num_events: with ``events``: how many events (terminal or not) fired. (With events,
+            ``max_steps`` reached after some fired is status 6, ``errors.EVENTS_MAX_STEPS``.)
     """
 
     num_steps: Array
