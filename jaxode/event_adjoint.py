@@ -31,6 +31,7 @@ outputs after ``τ`` (NaN, not reached) get no cotangent. Without a terminal eve
 ``∂L/∂ts[0] = -a(t_0⁺)·f(z0, t_0)`` (shifting the start with ``z0`` fixed is the perturbation
 ``δz0 = -f δt_0``, events included).
 
+Second derivatives of this mode are not supported (a clear error; ``"backprop"`` has them).
 Memory: with a non-terminal event the record holds ``max_steps`` slots of ``(τ, z⁻, index)``
 (each event ends a step), ``max_steps × n`` numbers;
 ``batched=True`` and ``jax.vmap`` run one backward solve per problem (per-problem parameter
@@ -90,8 +91,8 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
     def _bwd(residuals, cotangents):
         ys, info, record, y0, ts, diff, nondiff, controls, adjoint_tols, bwd_controls = residuals
         ct_ys, ct_info, ct_dense = cotangents
-        ct_y0, ct_ts, ct_diff, bwd_status = backward(
-            field, cfg, ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info, bwd_controls
+        ct_y0, ct_ts, ct_diff, bwd_status = _not_differentiable(lambda *a: backward(field, cfg, *a))(
+            ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info, bwd_controls
         )
         status = jnp.where(info.status != errors.SUCCESS, info.status, bwd_status)
         if ct_dense is not None:
@@ -108,6 +109,26 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
     _solve.defvjp(_fwd, _bwd)
     ys, info, dense = _solve(y0, ts, diff, nondiff, controls, adjoint_tols)
     return Solution(ys, info, dense, None)
+
+
+_SECOND_DERIVATIVES = (
+    "jaxode: second derivatives (jax.hessian, jax.grad of jax.grad) of gradient=\"adjoint\" with "
+    "events are not supported: use gradient=\"backprop\""
+)
+
+
+def _not_differentiable(fn):
+    """``fn``, refusing to be differentiated itself (the backward solve with events)."""
+
+    @jax.custom_jvp
+    def run(*args):
+        return fn(*args)
+
+    @run.defjvp
+    def _jvp(primals, tangents):
+        raise NotImplementedError(_SECOND_DERIVATIVES)
+
+    return run
 
 
 def _zero_if_none(ct, like):

@@ -77,7 +77,7 @@ def test_falling_ball_impact_time_and_its_derivatives(falling, mode):
         np.testing.assert_allclose(grads, exact, rtol=1e-7)
 
 
-def test_falling_ball_forward_mode():
+def test_falling_ball_forward_mode_and_second_derivatives():
     def t_star(h):
         _, info = jaxode.odesolve(ball, jnp.stack([h, 0.0, 0.0]), jnp.array([0.0, 3.0]), PARAMS,
                                   events=GROUND, gradient="backprop", full_output=True, **TOL)
@@ -85,6 +85,9 @@ def test_falling_ball_forward_mode():
 
     _, tangent = jax.jvp(t_star, (jnp.array(H0),), (jnp.array(1.0),))
     np.testing.assert_allclose(tangent, jax.grad(lambda h: impact_exact(h, G)[0])(H0), rtol=1e-7)
+    # second derivatives: the root's jvp rule is differentiable itself
+    second = jax.hessian(lambda h: impact_exact(h, G)[0])(H0)
+    np.testing.assert_allclose(jax.hessian(t_star)(jnp.array(H0)), second, rtol=1e-7)
 
 
 def test_terminal_event_stops_the_solve():
@@ -347,3 +350,13 @@ def test_backwards_in_time_other_solvers_and_their_gradients(mode, solver):
     np.testing.assert_allclose(t_star(H0, G), exact(H0, G), rtol=1e-12)
     grads = jax.grad(t_star, argnums=(0, 1))(H0, G)
     np.testing.assert_allclose(grads, jax.grad(exact, argnums=(0, 1))(H0, G), rtol=1e-10)
+
+
+def test_adjoint_second_derivatives_name_the_alternative():
+    def t_star(h):
+        z0 = jnp.stack([h, 0.0, 0.0])
+        _, info = jaxode.odesolve(ball, z0, jnp.array([0.0, 3.0]), PARAMS, events=GROUND, full_output=True)
+        return info.event_time
+
+    with pytest.raises(NotImplementedError, match="backprop"):
+        jax.hessian(t_star)(jnp.array(H0))
