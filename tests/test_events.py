@@ -242,6 +242,7 @@ def test_zeno_ends_in_the_max_steps_error_mentioning_events():
     kw = dict(events=BOUNCE, max_steps=300, full_output=True)
     _, info = jaxode.odesolve(ball, z0, jnp.array([0.0, 5.0]), p, throw=False, **kw)
     assert info.status == errors.EVENTS_MAX_STEPS and info.num_events > 20
+    assert np.isnan(info.event_time) and np.all(np.isnan(info.event_state))  # nothing finite-looking
     with pytest.raises(jaxode.SolveError, match="events"):
         jaxode.odesolve(ball, z0, jnp.array([0.0, 5.0]), p, **kw)
 
