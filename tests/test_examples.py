@@ -117,7 +117,7 @@ def test_example_runs_as_a_script_at_default_size(name, tmp_path):
     assert "wrote" in proc.stdout
 
 
-@pytest.mark.slow  # ~60 s on 2 cores
+@pytest.mark.slow  # ~20 s alone, ~60 s on 2 busy cores
 def test_bouncing_ball_learns_gravity_and_restitution_and_aims(tmp_path):
     r = run_quick("bouncing_ball", tmp_path)
     assert r["num_events"] == 3 and r["bounce_times_error"] < 1e-9  # the geometric series in e
