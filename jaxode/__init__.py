@@ -9,6 +9,7 @@ from . import nn
 from .cnf import CNF
 from .dense import DenseSolution
 from .errors import SolveError
+from .events import Event
 from .loop import Info
 from .methods import METHODS, ButcherTableau, Method
 from .methods.tableaus import SOLVERS
@@ -25,6 +26,7 @@ __all__ = [
     "Method",
     "METHODS",
     "SolveError",
+    "Event",
     "ButcherTableau",
     "SOLVERS",
     "nn",

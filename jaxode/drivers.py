@@ -66,7 +66,7 @@ def is_large(loop: Loop) -> bool:
 
 def automatic(build: Build) -> LoopState:
     loop = build(False)
-    if is_large(loop) or loop.save_dense:
+    if is_large(loop) or loop.save_dense or loop.events is not None:  # events: Loop.step
         return flat(build)
     return _vmapped_as(lambda: nested(build), lambda: flat(build))
 

@@ -25,6 +25,7 @@ STEP_SIZE_UNDERFLOW = 2
 NONFINITE = 3
 INVALID_TOLERANCE = 4
 DENSE_NOT_DIFFERENTIABLE = 5
+EVENTS_MAX_STEPS = 6
 
 STATUS_MESSAGES = (
     "",
@@ -40,6 +41,9 @@ STATUS_MESSAGES = (
     "finite and > 0; no step was taken",
     "jaxode: the dense solution of gradient=\"adjoint\" is not differentiated (the adjoint method "
     "gives the gradients of ys only): use gradient=\"backprop\" or \"checkpoint\" to differentiate it",
+    "jaxode: the solve took max_steps steps (accepted and rejected) without reaching the final "
+    "time, with events firing: events ever closer together (Zeno behaviour, e.g. a ball bouncing "
+    "to rest) end a step each; stop the solve with a terminal event, or raise max_steps",
 )
 
 

@@ -7,7 +7,7 @@ adjoint's backward solve runs the same loop on the augmented field (``jaxode.adj
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ class Config(NamedTuple):
     progress: bool = False
     interpolate: bool = False  # the adjoint reads z off the forward solution (interpolated_adjoint)
     reversible_coupling: float = 0.999  # λ of gradient="reversible"
+    events: Any = None  # Event objects (odesolve's options), then events.FlatEvents in a solve
 
 
 class Controls(NamedTuple):
@@ -65,6 +66,7 @@ def forward(
         lambda y, t: field(y, t, diff, nondiff), y0, ts, controls.rtol, controls.atol, controls.dt0,
         driver=driver, method=cfg.method, max_steps=cfg.max_steps, max_dt=controls.max_dt,
         jump_ts=controls.jump_ts, save_dense=cfg.dense, progress=cfg.progress,
+        events=None if cfg.events is None else cfg.events.for_loop((diff, nondiff)),
     )
     direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(state.t.dtype)
     return Solution(state.ys, info_of(state, direction), state.dense, state.h)

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from . import errors, progress_bar
+from . import errors, events, progress_bar
 from .control import error_dtype, initial_step, step_factor
 from .methods import Method
 
@@ -73,6 +73,12 @@ class Info(NamedTuple):
             count.
         final_time: how far the solve got: ``ts[-1]`` on success, else the time of the last
             accepted step (in the dtype of ``ts``, at least float32; not differentiated).
+        event_time: with ``events``: the time the solve ended, ``t*`` of the terminal event
+            that fired, else ``ts[-1]`` (differentiable; NaN if the solve failed); else ``None``.
+        event_state: with ``events``: the state there (NaN if the solve failed); else ``None``.
+        event_index: with ``events``: the terminal event that fired, ``-1`` if none.
+        num_events: with ``events``: how many events (terminal or not) fired. (With events,
+            ``max_steps`` reached after some fired is status 6, ``errors.EVENTS_MAX_STEPS``.)
     """
 
     num_steps: Array
@@ -82,6 +88,10 @@ class Info(NamedTuple):
     status: Array
     num_jacobians: Array
     final_time: Array
+    event_time: Array | None = None
+    event_state: Any = None
+    event_index: Array | None = None
+    num_events: Array | None = None
 
 
 def time_dtype(ts_dtype) -> jnp.dtype:
@@ -125,6 +135,7 @@ class LoopState(NamedTuple):
     num_jacobians: Array
     finite: Array  # whether the last step attempt (its state and error) was finite
     status: Array  # a failure found by ``init`` (the loop does not run), else set by ``finish``
+    event: Any = None  # events.EventCarry, with events
 
 
 class Attempt(NamedTuple):
@@ -144,6 +155,15 @@ class Attempt(NamedTuple):
 
 def info_of(state: LoopState, direction) -> Info:
     """The ``Info`` of a finished loop (``direction``: of real time, ``±1``)."""
+    event_info = {}
+    if state.event is not None:
+        failed = state.status != errors.SUCCESS
+        event_info = dict(
+            event_time=jnp.where(failed, jnp.nan, direction * state.t),
+            event_state=jnp.where(failed, jnp.nan, state.y),
+            event_index=jnp.where(state.event.stopped, state.event.index, -1),
+            num_events=state.event.count,
+        )
     return Info(
         num_steps=state.num_accepted + state.num_rejected,
         num_accepted=state.num_accepted,
@@ -152,6 +172,7 @@ def info_of(state: LoopState, direction) -> Info:
         status=state.status,
         num_jacobians=state.num_jacobians,
         final_time=lax.stop_gradient(direction * state.t),
+        **event_info,
     )
 
 
@@ -178,6 +199,10 @@ class Loop:
         jump_ts: times at which ``f`` is discontinuous, ``(J,)``, or ``None``.
         save_dense: keep every accepted step's interpolant (``LoopState.dense``).
         progress: show a progress bar of the solve's time.
+        events: ``events.LoopEvents``: detect and handle events after each accepted step
+            (``events.after_step``), or ``None``.
+        at_jump: ``at_jump(t, y) -> y`` applied on landing at a time of ``jump_ts`` (real time
+            ``t``), before ``f`` is evaluated just after it; ``None``: nothing.
     """
 
     def __init__(
@@ -199,10 +224,13 @@ class Loop:
         jump_ts=None,
         save_dense: bool = False,
         progress: bool = False,
+        events=None,
+        at_jump: Callable[[Array, Array], Array] | None = None,
     ):
         self.field, self.method, self.max_steps, self.y0 = field, method, max_steps, y0
         self.at_output, self.save_outputs, self.save_dense = at_output, save_outputs, save_dense
         self.differentiable, self.progress = differentiable, progress
+        self.events, self.at_jump = events, at_jump
         self.n = y0.shape[0]
         self.segments = ((0, self.n),) if segments is None else segments
         self.stop_at_outputs = at_output is not None or not method.adaptive
@@ -257,6 +285,7 @@ class Loop:
             i_out=jnp.ones((), int_), num_accepted=jnp.zeros((), int_), num_rejected=jnp.zeros((), int_),
             nfe=jnp.asarray(nfe0, int_), num_jacobians=jnp.zeros((), int_), finite=jnp.ones((), bool),
             status=status.astype(int_),
+            event=None if self.events is None else events.init_carry(self, y0, s0, f0),
         )
 
     def _valid_options(self) -> Array:
@@ -316,16 +345,19 @@ class Loop:
             h_next = state.h
         if self.differentiable:
             h_next = lax.stop_gradient(h_next)
-        f_next, nfe = step.f_new, state.nfe + step.nfe
+        f_next, nfe, y_next = step.f_new, state.nfe + step.nfe, step.y_new
         if self.s_jumps is not None:  # restart after a jump: f just after it
             restart = accept & on_jump
-            after = lambda: self.g(step.y_new, jnp.nextafter(lax.stop_gradient(t_new), jnp.inf))
+            if self.at_jump is not None:
+                jumped = lambda: self.at_jump(self.direction * t_new, step.y_new)
+                y_next = lax.cond(restart, jumped, lambda: step.y_new)
+            after = lambda: self.g(y_next, jnp.nextafter(lax.stop_gradient(t_new), jnp.inf))
             f_next = lax.cond(restart, after, lambda: step.f_new)
             nfe = nfe + restart.astype(int_)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accept, a, b), new, old)
         new_state = state._replace(
             t=jnp.where(accept, t_new, t),
-            y=jnp.where(accept, step.y_new, y),
+            y=jnp.where(accept, y_next, y),
             f=jnp.where(accept, f_next, state.f),
             h=h_next,
             ratio_prev=jnp.where(accept, ratio, state.ratio_prev),
@@ -371,7 +403,11 @@ class Loop:
         i, int_ = state.i_out, jnp.int32
         if self.stop_at_outputs:
             new, at = self.attempt(state, self.s_ts[i])
-            arrived = at.accept & at.landed
+            if self.events is not None:  # the step truncated at an event
+                new, coeffs = self.lazy_coefficients(new, at, at.accept)
+                new, at = events.after_step(self, state, new, at, coeffs)
+            # landed on the output time itself, not on a jump time (or event) before it
+            arrived = at.accept & at.landed & (at.t_new >= self.s_ts[i])
             ys = new.ys
             if ys is not None:
                 ys = ys.at[i].set(jnp.where(arrived, at.y_new, ys[i]))
@@ -384,7 +420,10 @@ class Loop:
             return new, at.record
         new, at = self.attempt(state, self.s_ts[-1])
         in_step = at.accept & (self.s_ts[jnp.minimum(i, self.num_out - 1)] <= at.t_new)
-        new, coeffs = self.lazy_coefficients(new, at, in_step | (at.accept if self.save_dense else False))
+        needed = at.accept if (self.save_dense or self.events is not None) else in_step
+        new, coeffs = self.lazy_coefficients(new, at, needed)
+        if self.events is not None:  # the step truncated at an event
+            new, at = events.after_step(self, state, new, at, coeffs)
         if new.ys is None:  # only the outputs passed
             inside = at.accept & (self.s_ts > at.t) & (self.s_ts <= at.t_new)
             ys, i_out = None, i + jnp.sum(inside).astype(int_)
@@ -429,17 +468,24 @@ class Loop:
         code = jnp.where(state.status != errors.SUCCESS, state.status, code)
         out_of_steps = state.num_accepted + state.num_rejected >= self.max_steps
         code = jnp.where((code == errors.SUCCESS) & out_of_steps, errors.MAX_STEPS_REACHED, code)
+        if self.events is not None:  # with events fired, the message mentions them (Zeno)
+            zeno = (code == errors.MAX_STEPS_REACHED) & (state.event.count > 0)
+            code = jnp.where(zeno, errors.EVENTS_MAX_STEPS, code)
         return code.astype(jnp.int32)
 
     def running(self, state: LoopState) -> Array:
-        return (state.i_out < self.num_out) & (self.failure(state) == errors.SUCCESS)
+        going = (state.i_out < self.num_out) & (self.failure(state) == errors.SUCCESS)
+        return going if self.events is None else going & ~state.event.stopped
 
     def finish(self, state: LoopState) -> LoopState:
-        """The final state with its ``status``."""
+        """The final state with its ``status`` (0 after a terminal event)."""
         failed = self.failure(state)
         if self.progress:
             progress_bar.close(self.direction * state.t)
-        status = jnp.where(state.i_out < self.num_out, failed, errors.SUCCESS)
+        unfinished = state.i_out < self.num_out
+        if self.events is not None:
+            unfinished = unfinished & ~state.event.stopped
+        status = jnp.where(unfinished, failed, errors.SUCCESS)
         return state._replace(status=status.astype(jnp.int32))
 
 

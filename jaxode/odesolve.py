@@ -13,7 +13,7 @@ import numpy as np
 from jax import Array
 from jax.flatten_util import ravel_pytree
 
-from . import adjoint, errors, interpolated_adjoint
+from . import adjoint, errors, events, interpolated_adjoint
 from .control import error_dtype
 from .dense import DenseSolution
 from .forward import Config, Controls, forward, forward_batched
@@ -136,6 +136,7 @@ def odesolve(
     progress: bool = False,
     adjoint_interpolate: bool | None = None,
     reversible_coupling: float = 0.999,
+    events: events.Event | list[events.Event] | None = None,
 ):
     """Solves ``dz/dt = f(z, t, params)``, ``z(ts[0]) = z0`` and returns ``z`` at every ``ts``.
 
@@ -224,6 +225,12 @@ def odesolve(
             ``y_{n+1} = λ y_n + (1 - λ) ŷ_n + Ψ_h(ŷ_n)``, ``0 < λ <= 1`` (default 0.999): smaller
             damps the scheme's parasitic mode more but amplifies the reconstruction's rounding
             by ``λ^{-N}`` over ``N`` steps. Ignored by the other modes.
+        events: a ``jaxode.Event`` or a list of them (default ``None``): zero crossings of
+            conditions of the solution, located on the dense output; a terminal event stops the
+            solve there (later outputs NaN, status 0), a non-terminal one may update the state
+            and the solve goes on (see ``jaxode.events``). ``info.event_time``,
+            ``event_state``, ``event_index`` and ``num_events`` report them; all three gradient
+            modes differentiate through them.
 
     Returns:
         ``ys``, with the structure of ``z0`` and each leaf given a leading axis of length
@@ -251,7 +258,7 @@ def odesolve(
         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_seminorm=adjoint_seminorm,
         batched=batched, throw=throw, full_output=full_output, max_dt=max_dt, jump_ts=jump_ts,
         dense=dense, progress=progress, adjoint_interpolate=adjoint_interpolate,
-        reversible_coupling=reversible_coupling,
+        reversible_coupling=reversible_coupling, events=events,
     )
     z0, ts = _checked_inputs(z0, ts)
     checked = all(errors.is_concrete(x) for x in (ts, rtol, atol, *jax.tree_util.tree_leaves(z0)))
@@ -261,7 +268,7 @@ def odesolve(
 
 def _config(opts: Options) -> Config:
     return Config(opts.method, opts.max_steps, opts.adjoint_seminorm, opts.throw, opts.batched,
-                  opts.dense, opts.progress, opts.interpolate, opts.reversible_coupling)
+                  opts.dense, opts.progress, opts.interpolate, opts.reversible_coupling, opts.events)
 
 
 def _checked_inputs(z0, ts):
@@ -316,8 +323,14 @@ def _solve(f, z0, ts, params, arrays, static: _Static):
     pb = _prepare(f, z0, ts, params, rtol, atol, dt0, cfg.batched, static.checked)
     controls = Controls(pb.rtol, pb.atol, pb.dt0, _as(max_dt, pb.ts.dtype), _as(jump_ts, pb.ts.dtype))
     adjoint_tols = (_as(adjoint_rtol, pb.rtol.dtype, pb.rtol), _as(adjoint_atol, pb.atol.dtype, pb.atol))
-    sol = MODES[static.gradient](pb.field, pb.y0, pb.ts, pb.diff, pb.nondiff, controls, adjoint_tols, cfg)
+    field, diff, nondiff, mode = pb.field, pb.diff, pb.nondiff, MODES[static.gradient]
+    if cfg.events is not None:
+        field, diff, nondiff, cfg, mode = _with_events(f, z0, params, pb, cfg, static.gradient)
+    sol = mode(field, pb.y0, pb.ts, diff, nondiff, controls, adjoint_tols, cfg)
     ys, info, dense = sol.ys, sol.info, sol.dense
+    if cfg.events is not None:
+        unravel = jax.vmap(pb.unravel) if cfg.batched else pb.unravel
+        info = info._replace(event_state=unravel(info.event_state))
     if cfg.throw:  # on info and the dense steps too: a caller may use them alone
         ys, info, dense = errors.raise_on_failure((ys, info, dense), info.status)
     else:
@@ -329,6 +342,25 @@ def _solve(f, z0, ts, params, arrays, static: _Static):
     if cfg.dense:
         out += (DenseSolution.of(dense, info, pb.ts, cfg.method, pb.unravel, cfg.batched),)
     return out if len(out) > 1 else out[0]
+
+
+def _with_events(f, z0, params, pb: _Problem, cfg: Config, gradient: str):
+    """The problem with its events attached: ``(field, diff, nondiff, cfg, mode)`` (see
+    ``events.attach``); the adjoint mode's is ``event_adjoint.solve``."""
+    from . import event_adjoint
+
+    if gradient not in ("adjoint", "backprop", "checkpoint"):
+        raise NotImplementedError(
+            f"events are supported with gradient='adjoint', 'backprop' or 'checkpoint', not {gradient!r}"
+        )
+    z_one = jax.tree_util.tree_map(lambda x: x[0], z0) if cfg.batched else z0
+    y_one = pb.y0[0] if cfg.batched else pb.y0
+    ravel = lambda tree: ravel_pytree(_real_view(tree))[0]
+    field, diff, nondiff, flat = events.attach(
+        cfg.events, pb.field, pb.diff, pb.nondiff, z_one, pb.ts[0], y_one, params, pb.unravel, ravel
+    )
+    mode = event_adjoint.solve if gradient == "adjoint" else MODES[gradient]
+    return field, diff, nondiff, cfg._replace(events=flat), mode
 
 
 def _as(x, dtype, default=None):
@@ -387,6 +419,8 @@ def adjoint_backward_info(
                          f"'adjoint', got {opts.gradient!r}")
     if opts.dense:
         raise ValueError("adjoint_backward_info: dense=True is not supported")
+    if opts.events is not None:
+        raise ValueError("adjoint_backward_info: events are not supported")
     return _run_eagerly_raising(
         _backward_info_compiled, f, *_checked_inputs(z0, ts), params, cotangent, opts.arrays(), _config(opts)
     )

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from . import errors, reversible
+from . import errors, events, reversible
 from .gradients import MODES
 from .methods import ButcherTableau, Method, get_method
 from .methods.reversible import check_coupling
@@ -56,6 +56,7 @@ class Options:
         adjoint_interpolate: the adjoint reads ``z`` off the forward solution instead of
             integrating it backwards (default ``None``: for implicit methods only).
         reversible_coupling: ``λ`` of ``gradient="reversible"``, in ``(0, 1]`` (default 0.999).
+        events: a ``jaxode.Event`` or a list of them (default ``None``), held as a tuple.
     """
 
     solver: str | ButcherTableau | Method = "tsit5"
@@ -76,6 +77,7 @@ class Options:
     progress: bool = False
     adjoint_interpolate: bool | None = None
     reversible_coupling: float = 0.999
+    events: Any = None
 
     def __post_init__(self):
         if self.gradient not in MODES:
@@ -86,6 +88,7 @@ class Options:
         )
         if self.jump_ts is not None:
             object.__setattr__(self, "jump_ts", errors.check_jump_ts(self.jump_ts))
+        object.__setattr__(self, "events", events.check_events(self.events))
         for name in _FLAGS:
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):

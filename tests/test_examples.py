@@ -133,3 +133,12 @@ def test_example_runs_as_a_script_at_default_size(name, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.is_file() and out.stat().st_size > 1000
     assert "wrote" in proc.stdout
+
+
+@pytest.mark.slow  # ~20 s alone, ~60 s on 2 busy cores
+def test_bouncing_ball_learns_gravity_and_restitution_and_aims(tmp_path):
+    r = run_quick("bouncing_ball", tmp_path)
+    assert r["num_events"] == 3 and r["bounce_times_error"] < 1e-9  # the geometric series in e
+    assert r["final_loss"] < r["initial_loss"] / 100
+    assert abs(r["g"] / r["g_true"] - 1) < 0.05 and abs(r["e"] / r["e_true"] - 1) < 0.05
+    assert r["miss"] < 1e-6  # Newton's method through the terminal event's derivative

@@ -1,0 +1,241 @@
+"""The continuous adjoint with events: the jump conditions at event times.
+
+The forward solve (``Loop`` with ``events``) also records every non-terminal event: its time
+``τ``, the state just before it ``z⁻ = z(τ⁻)`` and which event fired. The backward solve of
+``[z, a, a_θ]`` (as in ``jaxode.adjoint``, ``a = ∂L/∂z``, ``a_θ = ∂L/∂θ``) lands exactly on each
+event time (as on a time of ``jump_ts``) and applies there the adjoint's jump condition.
+
+**Jump at a reset** ``z⁺ = u(z⁻, τ, θ)``, ``τ`` defined by ``c(z⁻, τ, θ) = 0``. A perturbation
+``δz⁻`` of the state before the event moves the event to ``τ + δτ`` with
+``δτ = -(c_z·δz⁻ + c_θ δθ) / ċ``, ``ċ = c_z·f⁻ + c_t`` (``f^∓ = f(z^∓, τ)``), and the state
+after it, compared at the same time, by ``δz⁺ = u_z δz⁻ + u_θ δθ + (u_z f⁻ + u_t - f⁺) δτ``.
+With ``a⁺·δz⁺ = a⁻·δz⁻ + (a_θ⁻ - a_θ⁺)·δθ``:
+
+    κ   = a⁺·(u_z f⁻ + u_t - f⁺) / ċ
+    a⁻  = a⁺ u_z - κ c_z
+    a_θ⁻ = a_θ⁺ + a⁺ u_θ - κ c_θ
+
+and ``z`` is re-anchored to the recorded ``z⁻``. (Without an update, ``u`` is the identity and
+``f⁺ = f⁻``: ``κ = 0``, no jump.)
+
+**Terminal event** at ``τ`` (the solve ends there): ``event_time = τ`` and
+``event_state = z(τ)`` move with the state before it as ``dτ = -c_z·δz/ċ`` and
+``dz(τ) = δz + f dτ``, so the backward solve starts at ``τ`` from
+
+    κ = (∂L/∂z(τ)·f + ∂L/∂τ) / ċ,   a(τ⁻) = ∂L/∂z(τ) - κ c_z,   a_θ(τ⁻) = -κ c_θ;
+
+outputs after ``τ`` (NaN, not reached) get no cotangent. Without a terminal event
+``event_time = ts[-1]`` and ``event_state = ys[-1]`` add to ``∂L/∂ts[-1]`` and ``∂L/∂ys[-1]``.
+
+**Times**: ``∂L/∂ts[i] = ∂L/∂ys[i]·f(ys[i], ts[i])`` for the outputs reached (``i >= 1``), and
+``∂L/∂ts[0] = -a(t_0⁺)·f(z0, t_0)`` (shifting the start with ``z0`` fixed is the perturbation
+``δz0 = -f δt_0``, events included).
+
+Second derivatives of this mode are not supported (a clear error; ``"backprop"`` has them).
+Memory: with a non-terminal event the record holds ``max_steps`` slots of ``(τ, z⁻, index)``
+(each event ends a step), ``max_steps × n`` numbers;
+``batched=True`` and ``jax.vmap`` run one backward solve per problem (per-problem parameter
+adjoints, summed by JAX). Not covered: an event exactly at an output time other than ``ts[-1]``
+is applied there too; one exactly at ``ts[-1]`` (non-terminal) is not.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from . import errors
+from .drivers import integrate
+from .forward import Config, Controls, FlatField, Solution
+from .loop import info_of
+from .while_loops import zero_cotangent
+
+
+def _forward(field: FlatField, y0, ts, diff, nondiff, controls: Controls, cfg: Config, record: bool):
+    """The forward solve with events; ``record``: keep the non-terminal events."""
+    resets = not all(cfg.events.terminal)  # only non-terminal events need the record
+    events = cfg.events.for_loop((diff, nondiff), record=record, buffer=cfg.max_steps if resets else 1)
+    state = integrate(
+        lambda y, t: field(y, t, diff, nondiff), y0, ts, controls.rtol, controls.atol, controls.dt0,
+        method=cfg.method, max_steps=cfg.max_steps, max_dt=controls.max_dt, jump_ts=controls.jump_ts,
+        save_dense=cfg.dense, progress=cfg.progress, events=events,
+    )
+    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(state.t.dtype)
+    return state, info_of(state, direction)
+
+
+def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_tols, cfg: Config) -> Solution:
+    """The forward ``Solution`` with events, differentiated by the backward adjoint solve with
+    the jump conditions (module docstring). ``batched``: ``jax.vmap`` of one problem's solve."""
+    if cfg.batched:
+        single = cfg._replace(batched=False)
+        one = lambda y: solve(field, y, ts, diff, nondiff, controls, adjoint_tols, single)
+        return jax.vmap(one)(y0)
+
+    @jax.custom_vjp
+    def _solve(y0, ts, diff, nondiff, controls, adjoint_tols):
+        state, info = _forward(field, y0, ts, diff, nondiff, controls, cfg, record=False)
+        return state.ys, info, state.dense
+
+    def _fwd(y0, ts, diff, nondiff, controls, adjoint_tols):
+        state, info = _forward(field, y0, ts, diff, nondiff, controls, cfg, record=True)
+        dt0 = state.h if cfg.method.adaptive else controls.dt0
+        bwd_controls = controls._replace(rtol=adjoint_tols[0], atol=adjoint_tols[1], dt0=dt0)
+        ev = state.event
+        record = (ev.times, ev.states, ev.which, ev.stopped, ev.index)
+        residuals = (state.ys, info, record, y0, ts, diff, nondiff, controls, adjoint_tols, bwd_controls)
+        return (state.ys, info, state.dense), residuals
+
+    def _bwd(residuals, cotangents):
+        ys, info, record, y0, ts, diff, nondiff, controls, adjoint_tols, bwd_controls = residuals
+        ct_ys, ct_info, ct_dense = cotangents
+        ct_y0, ct_ts, ct_diff, bwd_status = _not_differentiable(lambda *a: backward(field, cfg, *a))(
+            ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info, bwd_controls
+        )
+        status = jnp.where(info.status != errors.SUCCESS, info.status, bwd_status)
+        if ct_dense is not None:
+            used = jnp.any(jnp.stack([jnp.any(c != 0) for c in jax.tree_util.tree_leaves(ct_dense)]))
+            status = jnp.where(used, errors.DENSE_NOT_DIFFERENTIABLE, status)
+        if cfg.throw:
+            ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), status)
+        else:
+            nan_if_failed = lambda x: jnp.where(status != errors.SUCCESS, jnp.nan, x)
+            ct_y0, ct_ts, ct_diff = jax.tree_util.tree_map(nan_if_failed, (ct_y0, ct_ts, ct_diff))
+        zeros = jax.tree_util.tree_map(zero_cotangent, (nondiff, controls, adjoint_tols))
+        return (ct_y0, ct_ts, ct_diff) + zeros
+
+    _solve.defvjp(_fwd, _bwd)
+    ys, info, dense = _solve(y0, ts, diff, nondiff, controls, adjoint_tols)
+    return Solution(ys, info, dense, None)
+
+
+_SECOND_DERIVATIVES = (
+    "jaxode: second derivatives (jax.hessian, jax.grad of jax.grad) of gradient=\"adjoint\" with "
+    "events are not supported: use gradient=\"backprop\""
+)
+
+
+def _not_differentiable(fn):
+    """``fn``, refusing to be differentiated itself (the backward solve with events)."""
+
+    @jax.custom_jvp
+    def run(*args):
+        return fn(*args)
+
+    @run.defjvp
+    def _jvp(primals, tangents):
+        raise NotImplementedError(_SECOND_DERIVATIVES)
+
+    return run
+
+
+def _zero_if_none(ct, like):
+    return jnp.zeros_like(like) if ct is None or getattr(ct, "dtype", None) == jax.dtypes.float0 else ct
+
+
+def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info, controls: Controls):
+    """The backward solve with the jump conditions: ``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, status)``."""
+    num_out, n = ys.shape
+    times, states, which, stopped, index = record
+    flat = cfg.events
+    theta, unravel = ravel_pytree(diff)
+    p = theta.shape[0]
+    dtype = jnp.result_type(ys.dtype, theta.dtype) if p else ys.dtype
+    tau, z_end = info.event_time, info.event_state
+    ct_tau = _zero_if_none(ct_info.event_time, tau).astype(dtype)
+    ct_end = _zero_if_none(ct_info.event_state, z_end).astype(dtype)
+    ct_ys = jnp.where(jnp.isfinite(ys), ct_ys, 0).astype(ys.dtype)  # outputs not reached
+
+    f_at = lambda z, t, th: field(z.astype(ys.dtype), t, unravel(th), nondiff)
+    cond_at = lambda k, z, t, th: _values(flat, z.astype(ys.dtype), t, (unravel(th), nondiff))[k]
+    upd_at = lambda k, z, t, th: _update(flat, k, z.astype(ys.dtype), t, (unravel(th), nondiff))
+
+    # the outputs reached, and the grid of the backward solve (unreached ones at τ, no cotangent)
+    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(ts.dtype)
+    reached = (direction * ts <= direction * tau) | (jnp.arange(num_out) == 0)
+    ts_b = jnp.where(reached, ts, tau)
+    ys_b = jnp.where(reached[:, None], ys, z_end)
+    ct_b = jnp.where(reached[:, None], ct_ys, 0).astype(dtype)
+
+    # the start of the backward solve: at τ (terminal event) or ts[-1]
+    def terminal_start():
+        k = index
+        f_end = f_at(z_end, tau, theta).astype(dtype)
+        _, vjp_c = jax.vjp(lambda z, t, th: cond_at(k, z, t, th), z_end, tau, theta)
+        c_z, c_t, c_th = vjp_c(jnp.ones((), jnp.promote_types(ys.dtype, jnp.float32)))
+        cdot = jnp.dot(c_z.astype(dtype), f_end) + c_t.astype(dtype)
+        kappa = (jnp.dot(ct_end, f_end) + ct_tau) / cdot
+        return ct_end - kappa * c_z.astype(dtype), -kappa * c_th.astype(dtype)
+
+    def plain_start():
+        return ct_end, jnp.zeros(p, dtype)
+
+    a_end, ath_end = lax.cond(stopped, terminal_start, plain_start)
+    a_end = a_end + ct_b[-1]
+
+    def jump(t, y):
+        """The jump condition of the recorded event at time ``t`` (identity if none)."""
+        match = times == t
+        j = jnp.argmax(match)
+
+        def apply():
+            tau_j, z_minus, k = times[j], states[j], which[j]
+            a, a_th = y[n : 2 * n], y[2 * n : 2 * n + p]
+            f_minus = f_at(z_minus, tau_j, theta).astype(dtype)
+            z_plus, vjp_u = jax.vjp(lambda z, t, th: upd_at(k, z, t, th), z_minus, tau_j, theta)
+            f_plus = f_at(z_plus, tau_j, theta).astype(dtype)
+            au_z, au_t, au_th = vjp_u(a.astype(ys.dtype))
+            _, vjp_c = jax.vjp(lambda z, t, th: cond_at(k, z, t, th), z_minus, tau_j, theta)
+            c_z, c_t, c_th = vjp_c(jnp.ones((), jnp.promote_types(ys.dtype, jnp.float32)))
+            cdot = jnp.dot(c_z.astype(dtype), f_minus) + c_t.astype(dtype)
+            kappa = (jnp.dot(au_z.astype(dtype), f_minus) + au_t.astype(dtype) - jnp.dot(a, f_plus)) / cdot
+            a_minus = au_z.astype(dtype) - kappa * c_z.astype(dtype)
+            a_th = a_th + au_th.astype(dtype) - kappa * c_th.astype(dtype)
+            return jnp.concatenate([z_minus.astype(dtype), a_minus, a_th])
+
+        return lax.cond(jnp.any(match), apply, lambda: y)
+
+    def augmented(y, t):
+        z, a = y[:n].astype(ys.dtype), y[n : 2 * n].astype(ys.dtype)
+        fz, vjp = jax.vjp(lambda z, th: f_at(z, t, th), z, theta)
+        gz, gth = vjp(a)
+        return jnp.concatenate([fz, -gz, -gth]).astype(dtype)
+
+    ts_rev, ys_rev, ct_rev = ts_b[::-1], ys_b[::-1], ct_b[::-1]
+
+    def at_output(i, y):
+        y = jump(ts_rev[i], y)  # an event exactly at an output time
+        return y.at[:n].set(ys_rev[i].astype(dtype)).at[n : 2 * n].add(ct_rev[i])
+
+    jumps = times
+    if controls.jump_ts is not None:  # the user's, and the event times
+        jumps = jnp.concatenate([controls.jump_ts.astype(times.dtype), times])
+    y_init = jnp.concatenate([z_end.astype(dtype), a_end, ath_end])
+    parts = ((0, n), (n, 2 * n)) if (cfg.seminorm or p == 0) else ((0, n), (n, 2 * n), (2 * n, 2 * n + p))
+    state = integrate(
+        augmented, y_init, ts_rev, controls.rtol, controls.atol, controls.dt0, method=cfg.method,
+        max_steps=cfg.max_steps, at_output=at_output, save_outputs=False, segments=parts,
+        max_dt=controls.max_dt, jump_ts=jumps, at_jump=jump,
+    )
+    y = state.y
+    a0 = y[n : 2 * n]
+    fs = jax.vmap(lambda yi, ti: field(yi, ti, diff, nondiff))(ys_b, ts_b).astype(dtype)
+    ct_t = jnp.sum(ct_b * fs, axis=1)
+    last = jnp.where(stopped, 0, jnp.dot(ct_end, fs[-1]) + ct_tau)
+    ct_t = ct_t.at[-1].add(last)
+    ct_t = ct_t.at[0].set(-jnp.dot(a0 - ct_b[0], fs[0]))
+    return a0.astype(ys.dtype), ct_t.astype(ts.dtype), unravel(y[2 * n : 2 * n + p]), state.status
+
+
+def _values(flat, y, t, args):
+    dtype = jnp.promote_types(y.dtype, jnp.float32)
+    return jnp.stack([jnp.asarray(c(y, t, args)).astype(dtype) for c in flat.conditions])
+
+
+def _update(flat, k, y, t, args):
+    branches = [
+        (lambda y, t, u=u: u(y, t, args)) if u is not None else (lambda y, t: y) for u in flat.updates
+    ]
+    return branches[0](y, t) if len(branches) == 1 else lax.switch(k, branches, y, t)

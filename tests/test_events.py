@@ -1,0 +1,363 @@
+"""Events (issue 15): detection, location, terminal and update events, their derivatives in every
+gradient mode, against closed forms (a falling and a bouncing ball) and finite differences."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from grad_utils import central_difference, forced_oscillator, relative_error
+
+import jaxode
+from jaxode import errors
+
+MODES = ("adjoint", "backprop", "checkpoint")
+TOL = dict(rtol=1e-11, atol=1e-11)
+H0, G, E = 10.0, 9.81, 0.8
+
+
+def ball(z, t, p):
+    """A ball under gravity: ``z = [height, velocity, time of the last bounce]``."""
+    return jnp.stack([z[1], -p["g"], jnp.zeros_like(z[2])])
+
+
+def bounce(z, t, p):
+    return jnp.stack([z[0], -p["e"] * z[1], t])
+
+
+GROUND = jaxode.Event(lambda z, t, p: z[0])  # terminal
+BOUNCE = jaxode.Event(lambda z, t, p: z[0], direction=-1, terminal=False, update=bounce)
+PARAMS = {"g": jnp.array(G), "e": jnp.array(E)}
+
+
+def impact_exact(h, g):
+    """The falling ball's impact time and velocity, from rest at height ``h``."""
+    t = jnp.sqrt(2 * h / g)
+    return t, -g * t
+
+
+def bouncing_exact(h, g, e, t, bounces: int):
+    """Height, and time of the last bounce, at ``t`` after ``bounces >= 1`` bounces (each bounce
+    takes ``2 e^k v1 / g``: a geometric series in ``e``)."""
+    t1 = jnp.sqrt(2 * h / g)
+    v1 = g * t1
+    tk = t1 + sum(2 * e**j * v1 / g for j in range(1, bounces))
+    s = t - tk
+    return e**bounces * v1 * s - g * s**2 / 2, tk
+
+
+@pytest.fixture(scope="module")
+def falling():
+    """``(event_time, impact velocity)`` of the falling ball as a jitted function per mode."""
+
+    def make(mode):
+        @jax.jit
+        def run(h, g):
+            z0 = jnp.stack([h, 0.0, 0.0])
+            ts = jnp.linspace(0.0, 3.0, 7)
+            _, info = jaxode.odesolve(ball, z0, ts, {"g": g, "e": 0.0}, events=GROUND, gradient=mode,
+                                      full_output=True, **TOL)
+            return info.event_time, info.event_state[1]
+
+        return run
+
+    return {mode: make(mode) for mode in MODES}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_falling_ball_impact_time_and_its_derivatives(falling, mode):
+    run = falling[mode]
+    h, g = jnp.array(H0), jnp.array(G)
+    t_star, v_star = run(h, g)
+    t_ref, v_ref = impact_exact(h, g)
+    assert abs(t_star - t_ref) < 1e-10 and abs(v_star - v_ref) < 1e-9
+    for out in (0, 1):  # the event time and the state there, w.r.t. z0 and params
+        grads = jax.grad(lambda h, g: run(h, g)[out], argnums=(0, 1))(h, g)
+        exact = jax.grad(lambda h, g: impact_exact(h, g)[out], argnums=(0, 1))(h, g)
+        np.testing.assert_allclose(grads, exact, rtol=1e-7)
+
+
+def test_falling_ball_forward_mode_and_second_derivatives():
+    def t_star(h):
+        _, info = jaxode.odesolve(ball, jnp.stack([h, 0.0, 0.0]), jnp.array([0.0, 3.0]), PARAMS,
+                                  events=GROUND, gradient="backprop", full_output=True, **TOL)
+        return info.event_time
+
+    _, tangent = jax.jvp(t_star, (jnp.array(H0),), (jnp.array(1.0),))
+    np.testing.assert_allclose(tangent, jax.grad(lambda h: impact_exact(h, G)[0])(H0), rtol=1e-7)
+    # second derivatives: the root's jvp rule is differentiable itself
+    second = jax.hessian(lambda h: impact_exact(h, G)[0])(H0)
+    np.testing.assert_allclose(jax.hessian(t_star)(jnp.array(H0)), second, rtol=1e-7)
+
+
+def test_terminal_event_stops_the_solve():
+    """Outputs after t* are NaN, the ones before exact, status 0, no error with throw=True;
+    the state at t* is the dense output there (no overshoot) and the condition ~0."""
+    ts = jnp.linspace(0.0, 3.0, 7)
+    z0 = jnp.array([H0, 0.0, 0.0])
+    ys, info, sol = jaxode.odesolve(ball, z0, ts, PARAMS, events=GROUND, full_output=True, dense=True,
+                                    gradient="backprop", **TOL)
+    t_star = float(info.event_time)
+    before = np.asarray(ts) <= t_star
+    assert before.sum() == 3 and info.status == 0 and info.event_index == 0 and info.num_events == 1
+    assert np.all(np.isnan(np.asarray(ys)[~before]))
+    np.testing.assert_allclose(ys[before, 0], H0 - G * ts[before] ** 2 / 2, rtol=1e-10)
+    assert abs(info.event_state[0]) < 1e-13 * H0
+    # the dense output at t* (θ recomputed from t*: a rounding of t away) is the state there
+    slope = np.abs(np.asarray(ball(info.event_state, t_star, PARAMS)))
+    atol = 4e-16 * t_star * slope.max()
+    np.testing.assert_allclose(sol(info.event_time), info.event_state, rtol=0, atol=atol)
+    assert info.final_time == info.event_time
+
+
+@pytest.fixture(scope="module")
+def bouncing():
+    """A bouncing ball up to t = 5 (two bounces), jitted per mode: ``(ys, info)``."""
+
+    def make(mode):
+        @jax.jit
+        def run(h, g, e):
+            z0 = jnp.stack([h, 0.0, 0.0])
+            ts = jnp.linspace(0.0, 5.0, 11)
+            return jaxode.odesolve(ball, z0, ts, {"g": g, "e": e}, events=BOUNCE, gradient=mode,
+                                   full_output=True, **TOL)
+
+        return run
+
+    return {mode: make(mode) for mode in MODES}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bouncing_ball_heights_bounce_times_and_gradients(bouncing, mode):
+    run = bouncing[mode]
+    ys, info = run(H0, G, E)
+    ts = np.linspace(0.0, 5.0, 11)
+    assert info.num_events == 2 and info.event_index == -1 and info.status == 0
+    assert info.event_time == 5.0
+    t1 = np.sqrt(2 * H0 / G)
+    t2 = t1 + 2 * E * G * t1 / G
+    for t, y in zip(ts, np.asarray(ys)):
+        bounces = int(t > t1) + int(t > t2)
+        if bounces == 0:
+            exact, last = H0 - G * t**2 / 2, 0.0
+        else:
+            exact, last = bouncing_exact(H0, G, E, t, bounces)
+        np.testing.assert_allclose(y[0], exact, atol=1e-8)
+        np.testing.assert_allclose(y[2], last, atol=1e-9)  # the bounce times, through the update
+    # gradients of the height and of the last bounce time at t = 5, w.r.t. h, g and e
+    for out in (0, 2):
+        got = jax.grad(lambda *a: run(*a)[0][-1, out], argnums=(0, 1, 2))(H0, G, E)
+        exact = jax.grad(lambda *a: bouncing_exact(*a, 5.0, 2)[out // 2], argnums=(0, 1, 2))(H0, G, E)
+        np.testing.assert_allclose(got, exact, rtol=1e-6)
+
+
+def _pendulum_events():
+    """A driven pendulum with a threshold event whose parameters (``c``, ``d``) only the
+    condition and the update use, and a terminal event on the velocity."""
+    cross = jaxode.Event(lambda z, t, p: z[0] - p["c"], direction=-1, terminal=False,
+                         update=lambda z, t, p: jnp.stack([z[0] + p["d"], 0.7 * z[1]]))
+    stop = jaxode.Event(lambda z, t, p: z[1] + p["s"], direction=-1)
+    return [cross, stop]
+
+
+PEND_EVENTS = _pendulum_events()  # one object: repeated solves reuse the compiled program
+PEND = {"a": jnp.array(1.1), "b": jnp.array(2.0), "w": jnp.array(1.3), "c": jnp.array(0.6),
+        "d": jnp.array(0.25), "s": jnp.array(1.1)}
+PEND_Z0 = jnp.array([0.8, 0.6])
+PEND_TS = jnp.array([0.0, 0.7, 1.5, 2.6, 4.0, 6.0])
+
+
+def _pendulum_loss(mode, z0, ts, p):
+    ys, info = jaxode.odesolve(forced_oscillator, z0, ts, p, events=PEND_EVENTS, gradient=mode,
+                               full_output=True, rtol=1e-12, atol=1e-12)
+    reached = jnp.isfinite(ys[:, 0])
+    weights = jnp.arange(1.0, 7.0)[:, None] * jnp.array([1.0, -0.5])
+    outputs = jnp.sum(jnp.where(reached[:, None], weights * jnp.sin(jnp.where(reached[:, None], ys, 0)), 0))
+    return outputs + 0.3 * info.event_time + jnp.sum(info.event_state**2)
+
+
+def test_pendulum_events_fire_as_intended():
+    _, info = jaxode.odesolve(forced_oscillator, PEND_Z0, PEND_TS, PEND, events=PEND_EVENTS,
+                              full_output=True, rtol=1e-12, atol=1e-12)
+    assert info.num_events >= 3 and info.event_index == 1  # resets, then the terminal one
+    assert PEND_TS[2] < info.event_time < PEND_TS[3]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_match_finite_differences(mode):
+    """W.r.t. z0, every parameter (``c``, ``d`` used only by the event) and ts."""
+    args = (PEND_Z0, PEND_TS, PEND)
+    grads = jax.grad(lambda *a: _pendulum_loss(mode, *a), argnums=(0, 1, 2))(*args)
+    fd = central_difference(lambda a: _pendulum_loss("backprop", *a), args, eps=1e-6)
+    for got, ref in zip(grads, fd):
+        assert relative_error(got, ref) < 1e-6, (got, ref)
+
+
+def test_double_sign_change_inside_one_step():
+    """One rk4 step over [0, 3]; the condition is negative only on (1.4, 1.6): the ends of the
+    step miss it, the interior points (θ = 1/4, 1/2, 3/4) catch it."""
+    f = lambda z, t, p: jnp.ones_like(z)
+    ts = jnp.array([0.0, 3.0])
+    dip = lambda z, t, p: (z[0] - 1.5) ** 2 - 0.01
+    kw = dict(solver="rk4", dt0=3.0, full_output=True)
+    _, missed = jaxode.odesolve(f, jnp.zeros(1), ts, events=jaxode.Event(dip, interior_points=0), **kw)
+    assert missed.num_events == 0 and missed.num_steps == 1
+    _, info = jaxode.odesolve(f, jnp.zeros(1), ts, events=jaxode.Event(dip), **kw)
+    assert info.num_events == 1 and info.event_index == 0
+    np.testing.assert_allclose(info.event_time, 1.4, rtol=1e-14)
+
+
+def test_earliest_event_in_a_step_wins_and_ties_go_to_the_lower_index():
+    f = lambda z, t, p: jnp.ones_like(z)
+    kw = dict(solver="rk4", dt0=3.0, full_output=True)
+    at = lambda c: jaxode.Event(lambda z, t, p: z[0] - c)
+    _, info = jaxode.odesolve(f, jnp.zeros(1), jnp.array([0.0, 3.0]), events=[at(2.0), at(1.0)], **kw)
+    assert info.event_index == 1 and abs(info.event_time - 1.0) < 1e-14
+    twice = [jaxode.Event(lambda z, t, p: z[0] - 1.0), jaxode.Event(lambda z, t, p: 2 * (z[0] - 1.0))]
+    for events, index in ((twice, 0), (twice[::-1], 0)):
+        _, info = jaxode.odesolve(f, jnp.zeros(1), jnp.array([0.0, 3.0]), events=events, **kw)
+        assert info.event_index == index and info.num_events == 1
+
+
+def test_no_event_on_a_rejected_step():
+    """The first attempt (dt0 = 1 on z' = -50 z) ends far above 2 and is rejected; the accepted
+    solution decays from 1, so the event z = 2 never fires."""
+    from jaxode.methods import get_method
+
+    f = lambda z, t, p: -50.0 * z
+    g = lambda y, t: f(y, t, None)
+    y0 = jnp.ones(1)
+    first = get_method("tsit5").step(g, 0.0, y0, 1.0, g(y0, 0.0), (), 1.0)
+    assert first.y_new[0] > 2  # the attempt would cross the level
+    ys, info = jaxode.odesolve(f, y0, jnp.array([0.0, 1.0]), events=jaxode.Event(lambda z, t, p: z[0] - 2.0),
+                               dt0=1.0, full_output=True)
+    assert info.num_rejected >= 1 and info.num_events == 0 and info.event_index == -1
+    np.testing.assert_allclose(ys[-1], np.exp(-50.0), atol=1e-6)
+
+
+def test_zeno_ends_in_the_max_steps_error_mentioning_events():
+    """A ball bouncing to rest: events ever closer together; never a hang."""
+    z0 = jnp.array([1.0, 0.0, 0.0])
+    p = {"g": jnp.array(G), "e": jnp.array(0.5)}
+    kw = dict(events=BOUNCE, max_steps=300, full_output=True)
+    _, info = jaxode.odesolve(ball, z0, jnp.array([0.0, 5.0]), p, throw=False, **kw)
+    assert info.status == errors.EVENTS_MAX_STEPS and info.num_events > 20
+    assert np.isnan(info.event_time) and np.all(np.isnan(info.event_state))  # nothing finite-looking
+    with pytest.raises(jaxode.SolveError, match="events"):
+        jaxode.odesolve(ball, z0, jnp.array([0.0, 5.0]), p, **kw)
+
+
+def test_vmap_each_sample_its_own_events_and_batched():
+    hs = jnp.array([1.0, 5.0, 20.0])
+    ts = jnp.array([0.0, 1.0, 2.5])
+
+    def one(h):
+        z0 = jnp.stack([h, 0.0, 0.0])
+        ys, info = jaxode.odesolve(ball, z0, ts, PARAMS, events=GROUND, full_output=True, **TOL)
+        return ys, info
+
+    ys, info = jax.jit(jax.vmap(one))(hs)
+    np.testing.assert_allclose(info.event_time, np.sqrt(2 * np.asarray(hs) / G), rtol=1e-10)
+    assert len(set(np.asarray(info.num_steps).tolist())) > 1  # each its own steps
+    reached = np.asarray(ts)[None, :] <= np.asarray(info.event_time)[:, None]
+    assert np.array_equal(np.isfinite(np.asarray(ys[..., 0])), reached)
+    z0s = jnp.stack([hs, jnp.zeros(3), jnp.zeros(3)], axis=1)
+    for mode in MODES:
+        ys_b, info_b = jaxode.odesolve(ball, z0s, ts, PARAMS, events=GROUND, full_output=True, batched=True,
+                                       gradient=mode, **TOL)
+        np.testing.assert_allclose(info_b.event_time, info.event_time, rtol=1e-12)
+        np.testing.assert_array_equal(np.isnan(ys_b), np.isnan(ys))
+        loss = lambda g: jnp.sum(jaxode.odesolve(ball, z0s, ts, {"g": g, "e": 0.0}, events=GROUND,
+                                                 batched=True, full_output=True, gradient=mode,
+                                                 **TOL)[1].event_time)
+        exact = jax.grad(lambda g: jnp.sum(impact_exact(hs, g)[0]))(G)
+        np.testing.assert_allclose(jax.grad(loss)(jnp.array(G)), exact, rtol=1e-7)
+
+
+def test_pytree_state_and_backwards_in_time():
+    f = lambda z, t, p: {"x": z["v"], "v": -G * jnp.ones_like(z["x"])}
+    z0 = {"x": jnp.array(H0), "v": jnp.array(0.0)}
+    ev = jaxode.Event(lambda z, t, p: z["x"])
+    for ts, sign in ((jnp.array([0.0, 3.0]), 1), (jnp.array([0.0, -3.0]), -1)):
+        _, info = jaxode.odesolve(f, z0, ts, events=ev, full_output=True, **TOL)
+        assert set(info.event_state) == {"x", "v"}
+        np.testing.assert_allclose(info.event_time, sign * np.sqrt(2 * H0 / G), rtol=1e-10)
+        np.testing.assert_allclose(info.event_state["v"], -sign * G * np.sqrt(2 * H0 / G), rtol=1e-9)
+
+
+def test_event_parameters_held_by_an_equinox_condition():
+    class Threshold(eqx.Module):
+        level: jax.Array
+
+        def __call__(self, z, t, p):
+            return z[0] - self.level
+
+    def t_star(level):
+        ev = jaxode.Event(Threshold(level))
+        _, info = jaxode.odesolve(ball, jnp.array([H0, 0.0, 0.0]), jnp.array([0.0, 3.0]), PARAMS, events=ev,
+                                  full_output=True, **TOL)
+        return info.event_time
+
+    exact = jax.grad(lambda lv: jnp.sqrt(2 * (H0 - lv) / G))(2.0)
+    np.testing.assert_allclose(jax.grad(t_star)(jnp.array(2.0)), exact, rtol=1e-7)
+
+
+def test_bad_input():
+    z0, ts = jnp.array([H0, 0.0, 0.0]), jnp.array([0.0, 1.0])
+    solve = lambda ev: jaxode.odesolve(ball, z0, ts, PARAMS, events=ev)
+    with pytest.raises(ValueError, match="real floating-point scalar"):
+        solve(jaxode.Event(lambda z, t, p: z))
+    with pytest.raises(ValueError, match="update must return"):
+        solve(jaxode.Event(lambda z, t, p: z[0], terminal=False, update=lambda z, t, p: z[:2]))
+    with pytest.raises(ValueError, match="direction must be -1, 0 or 1"):
+        jaxode.Event(lambda z, t, p: z[0], direction=2)
+    with pytest.raises(ValueError, match="terminal=False"):
+        jaxode.Event(lambda z, t, p: z[0], update=bounce)
+    with pytest.raises(TypeError, match="jaxode.Event"):
+        solve([lambda z, t, p: z[0]])
+    with pytest.raises(ValueError, match="interior_points"):
+        jaxode.Event(lambda z, t, p: z[0], interior_points=-1)
+
+
+@pytest.mark.parametrize("mode", ("adjoint", "backprop"))
+def test_jump_between_outputs_on_the_flat_driver(mode):
+    """Regression (found with the event adjoint, which lands on event times as jump times):
+    a stop-at-outputs loop (fixed step; the adjoint's backward solve) run by the flat driver
+    (a state too large for the nested one) took landing on a time of ``jump_ts`` for arriving
+    at the next output time: ``ys[1]`` was the state at the jump, and the adjoint re-anchored
+    and added cotangents there."""
+    f = lambda z, t, p: -p * z
+    ts, jumps, z0 = jnp.array([0.0, 1.0, 2.0]), jnp.array([0.5]), jnp.ones(40)
+    ys = jaxode.odesolve(f, z0, ts, 1.0, solver="rk4", dt0=0.1, jump_ts=jumps)
+    np.testing.assert_allclose(ys[:, 0], np.exp(-np.asarray(ts)), rtol=1e-5)  # rk4: ~2e-6
+    loss = lambda p: jnp.sum(jaxode.odesolve(f, z0, ts, p, jump_ts=jumps, gradient=mode, **TOL)[-1])
+    np.testing.assert_allclose(jax.grad(loss)(1.0), -40 * 2 * np.exp(-2.0), rtol=1e-8)
+
+
+@pytest.mark.parametrize("mode, solver", [("adjoint", "dopri8"), ("backprop", "rk4"),
+                                          ("checkpoint", "tsit5")])
+def test_backwards_in_time_other_solvers_and_their_gradients(mode, solver):
+    """Decreasing ts (the ball's height is even in t: t* = -sqrt(2h/g)), a fixed-step solver,
+    and DOP853 (whose interpolant costs evaluations)."""
+    exact = lambda h, g: -jnp.sqrt(2 * h / g)
+    options = dict(dt0=0.1) if solver == "rk4" else TOL
+
+    def t_star(h, g):
+        z0, ts = jnp.stack([h, 0.0, 0.0]), jnp.array([0.0, -3.0])
+        _, info = jaxode.odesolve(ball, z0, ts, {"g": g, "e": 0.0}, events=GROUND, gradient=mode,
+                                  solver=solver, full_output=True, **options)
+        return info.event_time
+
+    np.testing.assert_allclose(t_star(H0, G), exact(H0, G), rtol=1e-12)
+    grads = jax.grad(t_star, argnums=(0, 1))(H0, G)
+    np.testing.assert_allclose(grads, jax.grad(exact, argnums=(0, 1))(H0, G), rtol=1e-10)
+
+
+def test_adjoint_second_derivatives_name_the_alternative():
+    def t_star(h):
+        z0 = jnp.stack([h, 0.0, 0.0])
+        _, info = jaxode.odesolve(ball, z0, jnp.array([0.0, 3.0]), PARAMS, events=GROUND, full_output=True)
+        return info.event_time
+
+    with pytest.raises(NotImplementedError, match="backprop"):
+        jax.hessian(t_star)(jnp.array(H0))
