@@ -129,7 +129,8 @@ def test_validation():
         AutoSwitch(METHODS["dopri8"], METHODS["rodas5p"])
 
 
-@pytest.mark.parametrize("batched", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.slow
+@pytest.mark.parametrize("batched", [False, True])
 def test_adjoint_non_stiff(batched):
     """The adjoint (plain, and batched with its Simpson quadrature) through auto on a non-stiff
     problem, against central differences."""

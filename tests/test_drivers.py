@@ -17,7 +17,7 @@ def _field(y, t):
     return jnp.stack([y[1], -y[0] - 0.1 * y[1] + jnp.cos(t)])
 
 
-@pytest.mark.parametrize("name", ["tsit5", "dopri8", "rk4"])
+@pytest.mark.parametrize("name", ["tsit5", pytest.param("dopri8", marks=pytest.mark.slow), "rk4"])
 @pytest.mark.parametrize("options", [{}, {"max_dt": 0.3, "jump_ts": jnp.array([1.1, 2.5])}])
 def test_drivers_agree(name, options):
     ts = jnp.concatenate([jnp.linspace(0.0, 0.1, 9), jnp.array([2.0, 4.0])])

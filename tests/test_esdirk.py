@@ -368,7 +368,7 @@ def test_robertson_to_1e5_against_radau(name, robertson_reference):
     assert int(info.num_steps) < (2000 if name == "kvaerno3" else 400), info
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [NAMES[0]] + [pytest.param(n, marks=pytest.mark.slow) for n in NAMES[1:]])
 def test_huge_first_step_is_rejected_and_the_solve_recovers(name):
     """dt0 = 50 on the stiff nonlinear scalar: the first attempt (the whole interval, h = 3)
     is the step whose iteration fails above; it is rejected and the solve meets its tolerance.
@@ -461,7 +461,7 @@ def central(loss, p, z0, eps=1e-6):
 
 
 @pytest.mark.parametrize("name, mode", [("kvaerno3", "backprop"), ("kvaerno5", "backprop"),
-                                        ("kvaerno5", "checkpoint")])
+                                        pytest.param("kvaerno5", "checkpoint", marks=pytest.mark.slow)])
 def test_gradients_match_finite_differences(name, mode):
     loss = kinetics_loss(name, mode)
     grad = np.concatenate(jax.grad(loss, argnums=(0, 1))(P0, Z0))
@@ -476,6 +476,7 @@ def test_forward_mode_backprop_matches_finite_differences():
     np.testing.assert_allclose(tangent, expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_batched_adjoint_quadrature_over_the_stages():
     """``batched=True`` with the (default) adjoint accumulates the parameter adjoint by the
     quadrature over the method's nodes (its stages, weights b): against backprop."""

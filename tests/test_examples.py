@@ -77,6 +77,7 @@ def test_euler_error_is_first_order(tmp_path):
     assert r["final_loss"] < r["initial_loss"]
 
 
+@pytest.mark.slow
 def test_stiff_kinetics_recovers_rates(tmp_path):
     """Robertson's rate constants, started 10x off, are fitted through rodas5p's adjoint; the
     identifiability the example claims holds; tsit5 runs out of max_steps."""

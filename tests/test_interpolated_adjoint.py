@@ -44,6 +44,7 @@ def test_gradients_match_backprop(solver):
         np.testing.assert_allclose(g, w, rtol=1e-5 if solver == "bosh3" else 1e-7, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_batched_and_vmapped():
     z0s = jnp.array([[1.0, -0.5], [0.2, 0.3], [-1.0, 0.0]])
     opts = dict(rtol=1e-10, atol=1e-10, adjoint_interpolate=True)

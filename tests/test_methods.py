@@ -81,6 +81,7 @@ def test_a_method_written_against_the_interface_runs_in_every_mode(gradient):
                                rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_a_new_method_batched_and_vmapped():
     z0s = jnp.array([[1.0, 0.0], [0.5, 0.2], [0.0, 1.0]])
     opts = dict(rtol=1e-7, atol=1e-7, solver=HeunEuler(), max_steps=20000)

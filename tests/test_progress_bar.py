@@ -14,7 +14,7 @@ def _field(z, t, p):
     return jnp.stack([z[1], -p * jnp.sin(z[0])])
 
 
-@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+@pytest.mark.parametrize("gradient", ["adjoint", pytest.param("backprop", marks=pytest.mark.slow)])
 def test_progress_bar_appears_and_leaves_results_unchanged(capsys, gradient):
     ts = jnp.linspace(0.0, 20.0, 5)
     z0 = jnp.array([1.0, 0.0])

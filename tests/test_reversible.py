@@ -253,6 +253,7 @@ def test_memory_does_not_grow_with_the_steps():
 # ---- composability ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_vmap_and_batched_equal_a_loop():
     """jit(grad) of a loss of jax.vmap over z0, and of batched=True: both equal the sum of the
     per-problem gradients (z0 rows, params and ts) computed one by one."""
