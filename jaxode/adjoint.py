@@ -407,16 +407,7 @@ _SECOND_DERIVATIVES = (
 def _not_differentiable(fn: Callable) -> Callable:
     """``fn``, refusing to be differentiated itself with a message naming the alternative
     (the batched and the interpolating backward solves run ``lax.while_loop``s)."""
-
-    @jax.custom_jvp
-    def run(*args):
-        return fn(*args)
-
-    @run.defjvp
-    def _jvp(primals, tangents):
-        raise NotImplementedError(_SECOND_DERIVATIVES)
-
-    return run
+    return errors.refuse_derivatives(fn, _SECOND_DERIVATIVES)
 
 
 def _differentiated_by_backprop(solve: Callable, field: FlatField, cfg: Config, **options) -> Callable:

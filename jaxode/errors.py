@@ -323,3 +323,18 @@ def _guard_and_scale(throw: bool, x, status):
         return x, jnp.where(status != SUCCESS, jnp.nan, 1.0)
     token = _failure_token(status, STATUS_MESSAGES)
     return jax.tree_util.tree_map(lambda a: a + token.astype(a.dtype), x), 1.0 + token
+
+
+def refuse_derivatives(fn, message: str):
+    """``fn``, raising ``NotImplementedError(message)`` if it is differentiated itself (a
+    backward solve that runs ``lax.while_loop``s: a second derivative of its mode)."""
+
+    @jax.custom_jvp
+    def run(*args):
+        return fn(*args)
+
+    @run.defjvp
+    def _jvp(primals, tangents):
+        raise NotImplementedError(message)
+
+    return run

@@ -119,16 +119,7 @@ _SECOND_DERIVATIVES = (
 
 def _not_differentiable(fn):
     """``fn``, refusing to be differentiated itself (the backward solve with events)."""
-
-    @jax.custom_jvp
-    def run(*args):
-        return fn(*args)
-
-    @run.defjvp
-    def _jvp(primals, tangents):
-        raise NotImplementedError(_SECOND_DERIVATIVES)
-
-    return run
+    return errors.refuse_derivatives(fn, _SECOND_DERIVATIVES)
 
 
 def _zero_if_none(ct, like):

@@ -375,28 +375,6 @@ class NeuralODE(eqx.Module):
         """The last time solved to."""
         return self.ts[-1]
 
-    def _check_field(self, z0: Any, t: Array) -> None:
-        try:
-            out = jax.eval_shape(self.field, z0, t, None)
-        except ValueError:
-            raise
-        except Exception as e:  # a shape error inside the field: name the state's shapes
-            shapes = jax.tree_util.tree_map(lambda x: tuple(jnp.shape(x)), z0)
-            raise ValueError(
-                f"NeuralODE: the field failed on a state of shape {shapes}: {type(e).__name__}: {e}"
-            ) from e
-        s_in, s_out = jax.tree_util.tree_structure(z0), jax.tree_util.tree_structure(out)
-        if s_in != s_out:
-            raise ValueError(
-                f"NeuralODE: the field must return dz/dt with the structure of z: got {s_out} for {s_in}"
-            )
-        for a, b in zip(jax.tree_util.tree_leaves(z0), jax.tree_util.tree_leaves(out), strict=True):
-            if tuple(jnp.shape(a)) != tuple(b.shape):
-                raise ValueError(
-                    f"NeuralODE: the field maps a state of shape {tuple(jnp.shape(a))} to an output "
-                    f"of shape {tuple(b.shape)}; dz/dt must have the shape of z"
-                )
-
     def __call__(
         self,
         z0: Any,
