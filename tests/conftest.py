@@ -66,3 +66,40 @@ class Recorder:
 @pytest.fixture
 def recorder():
     return Recorder()
+
+
+# Parametrized cases that repeat, at several times the cost, what a sibling case in the default
+# run already checks (another gradient mode, solver or size): kept for ``-m slow``, so that the
+# default suite stays under 10 minutes on 2 cores (measured by a timed run of the whole suite).
+SLOW_CASES = {
+    "tests/test_nn.py::test_neural_ode_gradients_equal_direct_odesolve[backprop]",
+    "tests/test_nn.py::test_filter_jit_grad_optax_reduces_loss[backprop]",
+    "tests/test_batched.py::test_mixed_precision_parameters[checkpoint]",
+    "tests/test_batched.py::test_mixed_precision_parameters[backprop]",
+    "tests/test_batched.py::test_mixed_precision_parameters[adjoint-batched]",
+    "tests/test_adjoint.py::test_adjoint_converges_to_backprop[bosh3]",
+    "tests/test_gradient_failures.py::test_grad_of_grad[checkpoint]",
+    "tests/test_gradient_failures.py::test_grad_of_grad[backprop]",
+    "tests/test_gradient_failures.py::test_hessian[checkpoint]",
+    "tests/test_gradient_failures.py::test_throw_under_vmap_of_grad[checkpoint]",
+    "tests/test_gradient_failures.py::test_failed_solve_without_throw_has_nan_gradients[backprop-4096]",
+    "tests/test_esdirk.py::test_newton_iterations_are_not_differentiated[kvaerno5]",
+    "tests/test_esdirk.py::test_gradients_match_finite_differences[kvaerno5-backprop]",
+    "tests/test_rosenbrock.py::test_gradient_against_finite_differences[rosenbrock23-backprop]",
+}
+SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run also pins down
+    "tests/test_adjoint.py::test_seminorm_saves_backward_steps_at_equal_accuracy",
+    "tests/test_adjoint.py::test_vmap_of_gradient_equals_loop",
+    "tests/test_batched.py::test_vmap_with_batched_parameters_keeps_per_sample_adjoints",
+    "tests/test_examples.py::test_resnet_and_odenet_beat_chance",
+    "tests/test_examples.py::test_euler_error_is_first_order",
+    "tests/test_nn.py::test_batched_option_equals_filter_vmap",
+    "tests/test_nn.py::test_gradient_option_passes_through",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        base = item.nodeid.split("[")[0]
+        if item.nodeid in SLOW_CASES or base in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
