@@ -223,9 +223,7 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
         # a failed forward solve (NaN outputs) fails the backward one: report the forward's cause
         fwd_status = jnp.max(fwd_status)
         status = jnp.where(fwd_status != errors.SUCCESS, fwd_status, jnp.max(info.status))
-        if ct_dense is not None:
-            used = jnp.any(jnp.stack([jnp.any(c != 0) for c in jax.tree_util.tree_leaves(ct_dense)]))
-            status = jnp.where(used, errors.DENSE_NOT_DIFFERENTIABLE, status)
+        status = errors.dense_not_differentiated(ct_dense, status)
         failed = status != errors.SUCCESS
         if cfg.throw:  # attached to every cotangent: any one that is used carries the check
             ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), status)

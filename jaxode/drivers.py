@@ -118,7 +118,7 @@ def nested(build: Build) -> LoopState:
     if loop.stop_at_outputs:
         return loop.finish(lax.while_loop(loop.running, lambda s: _to_next_output(loop, s), state))
     lazy = loop.method.interpolant_nfe > 0
-    s_end, int_ = loop.s_ts[-1], jnp.int32
+    s_end = loop.s_ts[-1]
 
     def last_of(at):
         dense = at.dense if lazy else loop.coefficients(at)
@@ -133,10 +133,10 @@ def nested(build: Build) -> LoopState:
         target = lax.dynamic_index_in_dim(loop.s_ts, i, keepdims=False)
         new, last = _steps_until(loop, state, target, s_end, last, last_of)
         arrived = new.t >= target  # else the solve failed
-        coeffs = last.dense
         if lazy:  # the interpolant's extra evaluations once per step with outputs
-            coeffs = loop.coefficients(last)
-            new = new._replace(nfe=new.nfe + arrived.astype(int_) * loop.method.interpolant_nfe)
+            new, coeffs = loop.lazy_coefficients(new, last, arrived)
+        else:
+            coeffs = last.dense
         ys, i_out = write_while(new.ys, i, loop.s_ts, arrived, last, coeffs, loop.method)
         return new._replace(ys=ys, i_out=i_out), last
 

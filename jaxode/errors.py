@@ -338,3 +338,14 @@ def refuse_derivatives(fn, message: str):
         raise NotImplementedError(message)
 
     return run
+
+
+def dense_not_differentiated(ct_dense, status):
+    """``status``, or ``DENSE_NOT_DIFFERENTIABLE`` if the cotangent of the dense steps (``None``
+    when none were kept) is nonzero anywhere: an adjoint mode that does not differentiate them
+    was asked to."""
+    leaves = jax.tree_util.tree_leaves(ct_dense)
+    if not leaves:
+        return status
+    used = jnp.any(jnp.stack([jnp.any(c != 0) for c in leaves]))
+    return jnp.where(used, DENSE_NOT_DIFFERENTIABLE, status)

@@ -95,9 +95,7 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
             ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info, bwd_controls
         )
         status = jnp.where(info.status != errors.SUCCESS, info.status, bwd_status)
-        if ct_dense is not None:
-            used = jnp.any(jnp.stack([jnp.any(c != 0) for c in jax.tree_util.tree_leaves(ct_dense)]))
-            status = jnp.where(used, errors.DENSE_NOT_DIFFERENTIABLE, status)
+        status = errors.dense_not_differentiated(ct_dense, status)
         if cfg.throw:
             ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), status)
         else:

@@ -316,7 +316,6 @@ def after_step(loop, old, new, at, coeffs):
     )
     at = at._replace(
         t_new=jnp.where(any_fired, s_star, at.t_new), y_new=jnp.where(any_fired, y_star, at.y_new),
-        landed=at.landed & ~(any_fired & ~end),
     )
     return new, at
 

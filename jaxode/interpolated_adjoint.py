@@ -71,7 +71,7 @@ def backward(
         span = jnp.stack([ts[i - 1], ts[i]])
         fz = lambda z, t: f(z, t, theta)
         slots, count, first = _checkpoints(fz, ys[i - 1], span, controls, dt0, options)
-        info = _add(info, first, first.status)
+        info = _add(info, first, backward=False)
 
         def segment(j, carry):
             a, ct_theta, ct_time, info = carry
@@ -79,7 +79,7 @@ def backward(
             t_end = jnp.where(k + 1 < count, slots.t[jnp.minimum(k + 1, slots.t.shape[0] - 1)], ts[i])
             a, d_theta, d_time, seg_info = _segment(f, theta, slots.t[k], slots.y[k], slots.h[k], t_end, a,
                                                     controls, bwd_controls, weights, options)
-            return a, ct_theta + d_theta, ct_time + d_time, _add(info, seg_info, seg_info.status, ts[i - 1])
+            return a, ct_theta + d_theta, ct_time + d_time, _add(info, seg_info, backward=True)
 
         carry = lax.fori_loop(0, count, segment, (a + ct_ys[i], ct_theta, ct_time, info))
         return carry, None
@@ -186,18 +186,20 @@ def _info(state, direction) -> Info:
                 state.status, state.num_jacobians, direction * state.t)
 
 
-def _add(total: Info, part: Info, status, reached=None) -> Info:
-    """``total`` with ``part``'s counts added (the steps counted only for the backward solves:
-    ``reached`` is given), its first failure kept, and the time the backward solve reached."""
-    steps = (part.num_steps, part.num_accepted, part.num_rejected) if reached is not None else (0, 0, 0)
+def _add(total: Info, part: Info, backward: bool) -> Info:
+    """``total`` with ``part``'s evaluations added, its first failure kept; for a ``backward``
+    solve also its steps, and the time it reached."""
     failed = total.status != errors.SUCCESS
+    total = total._replace(
+        nfe=total.nfe + part.nfe, num_jacobians=total.num_jacobians + part.num_jacobians,
+        status=jnp.where(failed, total.status, part.status),
+    )
+    if not backward:
+        return total
     return total._replace(
-        num_steps=total.num_steps + steps[0], num_accepted=total.num_accepted + steps[1],
-        num_rejected=total.num_rejected + steps[2], nfe=total.nfe + part.nfe,
-        num_jacobians=total.num_jacobians + part.num_jacobians,
-        status=jnp.where(failed, total.status, status),
-        final_time=(total.final_time if reached is None
-                    else jnp.where(failed | (status != 0), total.final_time, part.final_time)),
+        num_steps=total.num_steps + part.num_steps, num_accepted=total.num_accepted + part.num_accepted,
+        num_rejected=total.num_rejected + part.num_rejected,
+        final_time=jnp.where(failed | (part.status != errors.SUCCESS), total.final_time, part.final_time),
     )
 
 

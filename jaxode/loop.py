@@ -142,7 +142,6 @@ class Attempt(NamedTuple):
     """One step attempt from ``(t, y)`` to ``(t_new, y_new)`` (forward-running time)."""
 
     accept: Array
-    landed: Array  # the step was shortened to end exactly on its target time (not on a jump before it)
     t: Array
     y: Array
     h: Array  # the step used, ``t_new - t``
@@ -323,7 +322,6 @@ class Loop:
         t_new = jnp.where(landed, target, t_try)
         h_used = t_new - t  # the step the time really advanced by
         on_jump = False if self.s_jumps is None else landed & (jump <= goal)
-        reached = landed if self.s_jumps is None else landed & (goal <= jump)
         t_end = t_new
         if self.s_jumps is not None:  # (times next to a jump are not differentiated)
             t_end = jnp.where(on_jump, jnp.nextafter(lax.stop_gradient(t_new), -jnp.inf), t_new)
@@ -373,7 +371,7 @@ class Loop:
         if self.progress:
             attempts = new_state.num_accepted + new_state.num_rejected
             progress_bar.update(self.direction * new_state.t, attempts, self.max_steps)
-        at = Attempt(accept, reached, t, y, h_used, t_new, step.y_new, step.f_new, step.dense, record)
+        at = Attempt(accept, t, y, h_used, t_new, step.y_new, step.f_new, step.dense, record)
         return new_state, at
 
     def arrive(self, state: LoopState, i, arrived) -> LoopState:
@@ -403,11 +401,12 @@ class Loop:
         i, int_ = state.i_out, jnp.int32
         if self.stop_at_outputs:
             new, at = self.attempt(state, self.s_ts[i])
-            if self.events is not None:  # the step truncated at an event
+            if self.events is not None or self.save_dense:
                 new, coeffs = self.lazy_coefficients(new, at, at.accept)
+            if self.events is not None:  # the step truncated at an event
                 new, at = events.after_step(self, state, new, at, coeffs)
             # landed on the output time itself, not on a jump time (or event) before it
-            arrived = at.accept & at.landed & (at.t_new >= self.s_ts[i])
+            arrived = at.accept & (at.t_new >= self.s_ts[i])
             ys = new.ys
             if ys is not None:
                 ys = ys.at[i].set(jnp.where(arrived, at.y_new, ys[i]))
@@ -415,7 +414,6 @@ class Loop:
                 new = self.arrive(new, i, arrived)
             new = new._replace(ys=ys, i_out=i + arrived.astype(int_))
             if self.save_dense:
-                new, coeffs = self.lazy_coefficients(new, at, at.accept)
                 new = new._replace(dense=self._write_dense(state, new, at, coeffs))
             return new, at.record
         new, at = self.attempt(state, self.s_ts[-1])
