@@ -6,14 +6,17 @@ like ``e^{λt}`` backwards (with ``λ = 1e3`` over one time unit, by ``e^{1000}`
 never integrated backwards. On each output interval ``[t_{i-1}, t_i]``, last to first:
 
 1. ``z`` is re-solved forwards from the stored ``ys[i-1]`` to ``t_i`` (same method and
-   tolerances), keeping a checkpoint ``(t, z, h)`` every ``_SEGMENT`` (32) accepted steps;
-2. segment by segment, last to first: ``z`` is re-solved from the segment's checkpoint,
-   keeping its steps' interpolants (at most ``4 · _SEGMENT`` steps), and
-   ``a' = -a·∂f/∂z(z(t), t)`` is solved backwards over the segment, from
-   ``a(t_i) = a(t_i⁺) + ∂L/∂ys[i]`` at the interval's end, with the same method, ``z(t)``
-   read off those interpolants. Its Jacobian, ``-(∂f/∂z)ᵀ``, is ``n × n``: what an implicit
-   method factorises. Memory: ``max_steps / 32`` checkpoints and 128 steps' interpolants,
-   whatever the number of steps;
+   tolerances), keeping its steps' interpolants, at most ``4 · _SEGMENT`` (128) step attempts.
+   If that reaches ``t_i`` (the common case: outputs closer than 128 steps),
+   ``a' = -a·∂f/∂z(z(t), t)`` is solved backwards over the interval, from
+   ``a(t_i) = a(t_i⁺) + ∂L/∂ys[i]``, with the same method, ``z(t)`` read off those
+   interpolants. Its Jacobian, ``-(∂f/∂z)ᵀ``, is ``n × n``: what an implicit method factorises.
+2. Otherwise (and always for a batch, under ``vmap``, where a ``lax.cond`` would run both
+   branches) by segments: ``z`` is re-solved over the whole interval keeping a checkpoint
+   ``(t, z, h)`` every ``_SEGMENT`` (32) accepted steps; then segment by segment, last to first,
+   ``z`` is re-solved from the segment's checkpoint keeping its interpolants and ``a`` is solved
+   back over the segment as in 1. Memory: ``max_steps / 32`` checkpoints and 128 steps'
+   interpolants, whatever the number of steps.
 3. the parameter and time adjoints, ``a_θ = ∫ a·∂f/∂θ dt`` and ``a_t = -∫ a·∂f/∂t dt``
    (backwards), are quadratures on each accepted step's nodes with the method's weights
    (``Method.quadrature_weights``: for a Runge–Kutta method exactly the update the augmented
@@ -24,8 +27,10 @@ never integrated backwards. On each output interval ``[t_{i-1}, t_i]``, last to 
 Then ``∂L/∂z0 = a(t_0)``, ``∂L/∂θ = a_θ(t_0)``, and ``∂L/∂ts`` as in ``jaxode.adjoint``. The
 gradient is that of the continuous adjoint, as accurate as the re-solved ``z`` and the
 backward solve's tolerances allow; unlike the backsolve adjoint, errors in ``z`` do not grow
-backwards. Cost: every interval is solved forwards three times (once in the forward pass), and
-each backward step takes one more ``jax.vjp`` of ``f`` per node for the quadratures.
+backwards. Cost: every interval is solved forwards twice (once in the forward pass; three times
+when by segments), and each backward step takes one more ``jax.vjp`` of ``f`` per node for the
+quadratures. (Each backward solve picks its first step afresh: ``a`` jumps by ``∂L/∂ys[i]`` at
+every output, and a stiff ``a`` then has a fast transient of its own to resolve.)
 """
 
 from __future__ import annotations
@@ -41,17 +46,19 @@ from . import errors
 from .dense import evaluate_steps
 from .drivers import integrate
 from .forward import Config, Controls, FlatField
-from .loop import Info, Loop
+from .loop import Info, Loop, LoopState
 
 
 def backward(
-    field: FlatField, ys, ts, diff, nondiff, ct_ys, controls: Controls, bwd_controls: Controls, cfg: Config
+    field: FlatField, ys, ts, diff, nondiff, ct_ys, controls: Controls, bwd_controls: Controls, cfg: Config,
+    batched: bool = False,
 ):
     """``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, info)`` by the interpolating adjoint (module docstring).
 
     ``controls``: the forward solve's (for the re-solves); ``bwd_controls``: the backward
-    solve's tolerances. ``ys``, ``ct_ys``: ``(T, n)``. ``info`` sums the backward solves'
-    steps; its ``nfe`` also counts the re-solves' evaluations and the quadratures' vjps.
+    solve's tolerances. ``ys``, ``ct_ys``: ``(T, n)``. ``batched``: the function is to be
+    vmapped (then no ``lax.cond``). ``info`` sums the backward solves' steps; its ``nfe`` also
+    counts the re-solves' evaluations and the quadratures' vjps.
     """
     num_out, n = ys.shape
     theta, unravel = ravel_pytree(diff)
@@ -65,11 +72,14 @@ def backward(
     def f(z, t, th):
         return field(z, t, unravel(th), nondiff)
 
-    def interval(carry, i):
-        """The backward solve over ``[t_{i-1}, t_i]``, its segments last to first."""
-        a, ct_theta, ct_time, info = carry
+    fz = lambda z, t: f(z, t, theta)
+
+    def adjoint_over(part, t0, t1, a):
+        return _adjoint(f, theta, part, t0, t1, a, dt0, bwd_controls, weights, options)
+
+    def segments(i, a, info):
+        """The interval by checkpointed segments, last to first: ``(a, ∂θ, ∂t, info)``."""
         span = jnp.stack([ts[i - 1], ts[i]])
-        fz = lambda z, t: f(z, t, theta)
         slots, count, first = _checkpoints(fz, ys[i - 1], span, controls, dt0, options)
         info = _add(info, first, backward=False)
 
@@ -77,12 +87,33 @@ def backward(
             a, ct_theta, ct_time, info = carry
             k = count - 1 - j
             t_end = jnp.where(k + 1 < count, slots.t[jnp.minimum(k + 1, slots.t.shape[0] - 1)], ts[i])
-            a, d_theta, d_time, seg_info = _segment(f, theta, slots.t[k], slots.y[k], slots.h[k], t_end, a,
-                                                    controls, bwd_controls, weights, options)
+            seg_dt0 = slots.h[k] if method.adaptive else controls.dt0
+            part = _resolve(fz, slots.t[k], slots.y[k], seg_dt0, t_end, controls, options)
+            a, d_theta, d_time, seg_info = adjoint_over(part, slots.t[k], t_end, a)
             return a, ct_theta + d_theta, ct_time + d_time, _add(info, seg_info, backward=True)
 
-        carry = lax.fori_loop(0, count, segment, (a + ct_ys[i], ct_theta, ct_time, info))
-        return carry, None
+        zeros = (jnp.zeros_like(theta), jnp.zeros((), ts.dtype))
+        return lax.fori_loop(0, count, segment, (a,) + zeros + (info,))
+
+    def interval(carry, i):
+        """The backward solve over ``[t_{i-1}, t_i]``: from one re-solve when the interval's steps
+        fit in one segment's storage, else by ``segments``."""
+        a, ct_theta, ct_time, info = carry
+        a = a + ct_ys[i]
+        if batched:  # under vmap a cond runs both branches: always by segments
+            a, d_theta, d_time, info = segments(i, a, info)
+        else:
+            whole = _resolve(fz, ts[i - 1], ys[i - 1], dt0, ts[i], controls, options)
+
+            def at_once(a, info):
+                a, d_theta, d_time, part_info = adjoint_over(whole, ts[i - 1], ts[i], a)
+                return a, d_theta, d_time, _add(info, part_info, backward=True)
+
+            fits = whole.status == errors.SUCCESS
+            tried = _info(whole, 1)._replace(status=jnp.asarray(errors.SUCCESS, jnp.int32))  # its cost only
+            by_segments = lambda a, info: segments(i, a, _add(info, tried, backward=False))
+            a, d_theta, d_time, info = lax.cond(fits, at_once, by_segments, a, info)
+        return (a, ct_theta + d_theta, ct_time + d_time, info), None
 
     zero = jnp.zeros((), jnp.int32)
     info = Info(zero, zero, zero, zero, zero, zero, ts[-1])
@@ -131,27 +162,30 @@ def _checkpoints(fz, y0, span, controls: Controls, dt0, options) -> tuple[_Slots
     return slots, count, _info(state, loop.direction)
 
 
-def _segment(f, theta, t0, y0, h0, t1, a1, controls: Controls, bwd_controls: Controls, weights, options):
-    """One segment ``[t0, t1]``: re-solves ``z`` from ``(t0, y0)`` (first step ``h0``) keeping its
-    interpolants (at most ``4 _SEGMENT`` steps), then solves ``a`` back from ``a(t1) = a1``:
-    ``(a(t0), ∂L/∂θ part, ∂L/∂t part, info)``."""
+def _resolve(fz, t0, y0, dt0, t1, controls: Controls, options) -> LoopState:
+    """``z`` re-solved from ``(t0, y0)`` to ``t1`` (first step ``dt0``, ``None``: chosen), keeping
+    every step's interpolant, at most ``4 _SEGMENT`` step attempts (else a ``MAX_STEPS`` status)."""
+    local = dict(options, max_steps=4 * _SEGMENT)
+    return integrate(fz, y0, jnp.stack([t0, t1]), controls.rtol, controls.atol, dt0, driver="flat",
+                     save_outputs=False, save_dense=True, **local)
+
+
+def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls, weights, options):
+    """``a`` solved back from ``a(t1) = a1`` to ``t0`` over the re-solve ``part`` of ``[t0, t1]``
+    (first step ``dt0``; ``None``: chosen afresh, as ``a`` jumps by ``∂L/∂ys[i]`` there), ``z``
+    read off its interpolants, with the quadratures: ``(a(t0), ∂L/∂θ part, ∂L/∂t part, info)``;
+    ``info`` also counts ``part``'s evaluations."""
     method = options["method"]
     span = jnp.stack([t0, t1])
-    local = dict(options, max_steps=4 * _SEGMENT)
-    dt0 = h0 if method.adaptive else controls.dt0
-    resolve = integrate(lambda z, t: f(z, t, theta), y0, span, controls.rtol, controls.atol, dt0,
-                        driver="flat", save_outputs=False, save_dense=True, **local)
     direction = jnp.where(t1 >= t0, 1, -1).astype(span.dtype)
 
-    def z_at(t):  # continued past the segment's ends: some methods' stages lie beyond their step
-        t1_reached = direction * resolve.t
-        return evaluate_steps(resolve.dense, t0, t1_reached, direction, method, t, extrapolate=True)
+    def z_at(t):  # continued past the part's ends: some methods' stages lie beyond their step
+        return evaluate_steps(part.dense, t0, direction * part.t, direction, method, t, extrapolate=True)
 
     def adjoint_field(a, t):
         _, vjp = jax.vjp(lambda z: f(z, t, theta), z_at(t))
         return -vjp(a)[0]
 
-    dt0 = None if method.adaptive else controls.dt0
     loop = Loop(adjoint_field, a1, span[::-1], bwd_controls.rtol, bwd_controls.atol, dt0, save_outputs=False,
                 **options)
 
@@ -175,9 +209,9 @@ def _segment(f, theta, t0, y0, h0, t1, a1, controls: Controls, bwd_controls: Con
     state = loop.finish(state)
     info = _info(state, loop.direction)
     quadrature_nfe = len(weights) * state.num_accepted
-    info = info._replace(nfe=info.nfe + resolve.nfe + quadrature_nfe,
-                         num_jacobians=info.num_jacobians + resolve.num_jacobians)
-    status = jnp.where(resolve.status != errors.SUCCESS, resolve.status, state.status)
+    info = info._replace(nfe=info.nfe + part.nfe + quadrature_nfe,
+                         num_jacobians=info.num_jacobians + part.num_jacobians)
+    status = jnp.where(part.status != errors.SUCCESS, part.status, state.status)
     return state.y, d_theta, d_time, info._replace(status=status)
 
 
@@ -207,7 +241,7 @@ def backward_batched(
     field: FlatField, ys, ts, diff, nondiff, ct_ys, controls: Controls, bwd_controls: Controls, cfg: Config
 ):
     """``backward`` for a batch ``(B, T, n)`` sharing its parameters: per problem, summed."""
-    one = lambda y, c: backward(field, y, ts, diff, nondiff, c, controls, bwd_controls, cfg)
+    one = lambda y, c: backward(field, y, ts, diff, nondiff, c, controls, bwd_controls, cfg, batched=True)
     ct_y0, ct_ts, ct_diff, info = jax.vmap(one)(ys, ct_ys)
     total = lambda x: jnp.sum(x, axis=0)
     return ct_y0, total(ct_ts), jax.tree_util.tree_map(total, ct_diff), info

@@ -132,3 +132,33 @@ def test_stiff_method_adjoint_is_the_interpolating_one(solver):
     np.testing.assert_allclose(g_p, want_p, rtol=rtol)
     backsolve = jax.grad(loss, (0, 1))(z0, 1.0, False, False)
     assert not np.allclose(backsolve[1], want_p, rtol=1e-3)
+
+
+@pytest.mark.parametrize("t_last", [1.5, 20.0])  # every interval within one segment; one over 128 steps
+def test_one_resolve_per_interval_equals_the_segmented_backward(t_last):
+    """An interval re-solved once (its steps fit in one segment's storage) and by checkpointed
+    segments (the path a batch always takes) give the same gradient: to rounding where every
+    interval fits in one 32-step segment, and through the fallback when one takes over 128."""
+    from jaxode import interpolated_adjoint
+    from jaxode.forward import Config, Controls
+    from jaxode.methods import get_method
+
+    tol = 1e-7
+    ts = jnp.array([0.0, 0.3, 0.8, t_last])
+    cfg = Config(method=get_method("tsit5"), max_steps=4096, interpolate=True)
+    field = lambda z, t, p, _: _forced(z, t, p)
+    p = jnp.array([0.05, 2.0])
+    ys, info = jaxode.odesolve(_forced, Z0, ts, p, rtol=tol, atol=tol, full_output=True)
+    ct = jnp.cos(ys)
+    controls = Controls(rtol=jnp.asarray(tol), atol=jnp.asarray(tol), dt0=None)
+
+    def backward(batched):
+        run = lambda ys, p: interpolated_adjoint.backward(field, ys, ts, p, None, ct, controls, controls, cfg,
+                                                          batched=batched)
+        return jax.jit(run)(ys, p)
+
+    once, segmented = backward(False), backward(True)
+    assert int(once[3].status) == int(segmented[3].status) == 0
+    assert (int(info.num_steps) < 32) == (t_last == 1.5) and (int(info.num_steps) > 140) == (t_last == 20.0)
+    for a, b in zip(once[:3], segmented[:3]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
