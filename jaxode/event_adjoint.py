@@ -31,6 +31,13 @@ outputs after ``τ`` (NaN, not reached) get no cotangent. Without a terminal eve
 ``∂L/∂ts[0] = -a(t_0⁺)·f(z0, t_0)`` (shifting the start with ``z0`` fixed is the perturbation
 ``δz0 = -f δt_0``, events included).
 
+**Interpolating adjoint** (an implicit method, or ``adjoint_interpolate=True``): ``z`` is not
+integrated backwards but read off forward re-solves (``jaxode.interpolated_adjoint``), on the
+outputs reached, the last interval ending at ``τ``, and ``a`` starts there from the terminal
+jump above. Events without an update change nothing backwards; events with an update are
+refused in this mode (the re-solves would have to replay the resets): ``"checkpoint"`` and
+``"backprop"`` differentiate them.
+
 Second derivatives of this mode are not supported (a clear error; ``"backprop"`` has them).
 Memory: with a non-terminal event the record holds ``max_steps`` slots of ``(τ, z⁻, index)``
 (each event ends a step), ``max_steps × n`` numbers;
@@ -46,7 +53,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from . import errors
+from . import errors, interpolated_adjoint
 from .drivers import integrate
 from .forward import Config, Controls, FlatField, Solution
 from .loop import info_of
@@ -69,6 +76,12 @@ def _forward(field: FlatField, y0, ts, diff, nondiff, controls: Controls, cfg: C
 def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_tols, cfg: Config) -> Solution:
     """The forward ``Solution`` with events, differentiated by the backward adjoint solve with
     the jump conditions (module docstring). ``batched``: ``jax.vmap`` of one problem's solve."""
+    if cfg.interpolate and any(u is not None and not terminal
+                               for u, terminal in zip(cfg.events.updates, cfg.events.terminal)):
+        raise ValueError(
+            "jaxode: events with an update need gradient=\"checkpoint\" or \"backprop\" with the "
+            "interpolating adjoint (an implicit solver, or adjoint_interpolate=True)"
+        )
     if cfg.batched:
         single = cfg._replace(batched=False)
         one = lambda y: solve(field, y, ts, diff, nondiff, controls, adjoint_tols, single)
@@ -92,7 +105,7 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
         ys, info, record, y0, ts, diff, nondiff, controls, adjoint_tols, bwd_controls = residuals
         ct_ys, ct_info, ct_dense = cotangents
         ct_y0, ct_ts, ct_diff, bwd_status = _not_differentiable(lambda *a: backward(field, cfg, *a))(
-            ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info, bwd_controls
+            ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info, bwd_controls, controls
         )
         status = jnp.where(info.status != errors.SUCCESS, info.status, bwd_status)
         status = errors.dense_not_differentiated(ct_dense, status)
@@ -124,8 +137,12 @@ def _zero_if_none(ct, like):
     return jnp.zeros_like(like) if ct is None or getattr(ct, "dtype", None) == jax.dtypes.float0 else ct
 
 
-def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info, controls: Controls):
-    """The backward solve with the jump conditions: ``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, status)``."""
+def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info, controls: Controls,
+             fwd_controls: Controls):
+    """The backward solve with the jump conditions: ``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, status)``.
+    ``controls``: the backward solve's; ``fwd_controls``: the forward's, for the re-solves of
+    the interpolating adjoint (``cfg.interpolate``: no updates, so no jumps but the terminal
+    event's, from which it starts)."""
     num_out, n = ys.shape
     times, states, which, stopped, index = record
     flat = cfg.events
@@ -162,6 +179,19 @@ def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys,
         return ct_end, jnp.zeros(p, dtype)
 
     a_end, ath_end = lax.cond(stopped, terminal_start, plain_start)
+    fs = jax.vmap(lambda yi, ti: field(yi, ti, diff, nondiff))(ys_b, ts_b).astype(dtype)
+
+    def time_cotangents(a0):
+        """``∂L/∂ts`` from ``a(t_0)`` (``ct_b[0]`` included) (module docstring)."""
+        ct_t = jnp.sum(ct_b * fs, axis=1)
+        last = jnp.where(stopped, 0, jnp.dot(ct_end, fs[-1]) + ct_tau)
+        ct_t = ct_t.at[-1].add(last)
+        return ct_t.at[0].set(-jnp.dot(a0 - ct_b[0], fs[0])).astype(ts.dtype)
+
+    if cfg.interpolate:
+        a0, _, ct_diff, bwd_info = interpolated_adjoint.backward(
+            field, ys_b, ts_b, diff, nondiff, ct_b, fwd_controls, controls, cfg, start=(a_end, ath_end))
+        return a0.astype(ys.dtype), time_cotangents(a0.astype(dtype)), ct_diff, bwd_info.status
     a_end = a_end + ct_b[-1]
 
     def jump(t, y):
@@ -210,12 +240,7 @@ def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys,
     )
     y = state.y
     a0 = y[n : 2 * n]
-    fs = jax.vmap(lambda yi, ti: field(yi, ti, diff, nondiff))(ys_b, ts_b).astype(dtype)
-    ct_t = jnp.sum(ct_b * fs, axis=1)
-    last = jnp.where(stopped, 0, jnp.dot(ct_end, fs[-1]) + ct_tau)
-    ct_t = ct_t.at[-1].add(last)
-    ct_t = ct_t.at[0].set(-jnp.dot(a0 - ct_b[0], fs[0]))
-    return a0.astype(ys.dtype), ct_t.astype(ts.dtype), unravel(y[2 * n : 2 * n + p]), state.status
+    return a0.astype(ys.dtype), time_cotangents(a0), unravel(y[2 * n : 2 * n + p]), state.status
 
 
 def _values(flat, y, t, args):

@@ -51,14 +51,17 @@ from .loop import Info, Loop, LoopState
 
 def backward(
     field: FlatField, ys, ts, diff, nondiff, ct_ys, controls: Controls, bwd_controls: Controls, cfg: Config,
-    batched: bool = False,
+    batched: bool = False, start=None,
 ):
     """``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, info)`` by the interpolating adjoint (module docstring).
 
     ``controls``: the forward solve's (for the re-solves); ``bwd_controls``: the backward
     solve's tolerances. ``ys``, ``ct_ys``: ``(T, n)``. ``batched``: the function is to be
-    vmapped (then no ``lax.cond``). ``info`` sums the backward solves' steps; its ``nfe`` also
-    counts the re-solves' evaluations and the quadratures' vjps.
+    vmapped (then no ``lax.cond``). ``start``: ``(a, a_θ)`` at ``ts[-1]`` before its output's
+    cotangent is added (default zeros; the event adjoint's jump condition at a terminal event);
+    equal consecutive times (outputs past a terminal event) are skipped. ``info`` sums the
+    backward solves' steps; its ``nfe`` also counts the re-solves' evaluations and the
+    quadratures' vjps.
     """
     num_out, n = ys.shape
     theta, unravel = ravel_pytree(diff)
@@ -98,8 +101,9 @@ def backward(
     def interval(carry, i):
         """The backward solve over ``[t_{i-1}, t_i]``: from one re-solve when the interval's steps
         fit in one segment's storage, else by ``segments``."""
-        a, ct_theta, ct_time, info = carry
-        a = a + ct_ys[i]
+        a, ct_theta, ct_time, before = carry
+        a_before = a = a + ct_ys[i]
+        info = before
         if batched:  # under vmap a cond runs both branches: always by segments
             a, d_theta, d_time, info = segments(i, a, info)
         else:
@@ -113,11 +117,17 @@ def backward(
             tried = _info(whole, 1)._replace(status=jnp.asarray(errors.SUCCESS, jnp.int32))  # its cost only
             by_segments = lambda a, info: segments(i, a, _add(info, tried, backward=False))
             a, d_theta, d_time, info = lax.cond(fits, at_once, by_segments, a, info)
+        # an empty interval (outputs past a terminal event, all at its time) changes nothing
+        empty = ts[i - 1] == ts[i]
+        a, d_theta, d_time = (jnp.where(empty, 0 * x, x) for x in (a, d_theta, d_time))
+        a = a + jnp.where(empty, a_before, 0)
+        info = jax.tree_util.tree_map(lambda old, new: jnp.where(empty, old, new), before, info)
         return (a, ct_theta + d_theta, ct_time + d_time, info), None
 
     zero = jnp.zeros((), jnp.int32)
     info = Info(zero, zero, zero, zero, zero, zero, ts[-1])
-    carry = (jnp.zeros(n, dtype), jnp.zeros_like(theta), jnp.zeros((), ts.dtype), info)
+    a_end, ct_theta_end = (jnp.zeros(n, dtype), jnp.zeros_like(theta)) if start is None else start
+    carry = (a_end.astype(dtype), ct_theta_end.astype(theta.dtype), jnp.zeros((), ts.dtype), info)
     (a, ct_theta, ct_time, info), _ = lax.scan(interval, carry, jnp.arange(num_out - 1, 0, -1))
     fs = jax.vmap(lambda yi, ti: field(yi, ti, diff, nondiff))(ys[1:], ts[1:])
     ct_t = jnp.sum(ct_ys[1:] * fs, axis=1)

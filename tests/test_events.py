@@ -361,3 +361,48 @@ def test_adjoint_second_derivatives_name_the_alternative():
 
     with pytest.raises(NotImplementedError, match="backprop"):
         jax.hessian(t_star)(jnp.array(H0))
+
+
+STIFF_A = jnp.array([[-1000.0, 0.0], [1.0, -1.0]])
+
+
+def _stiff(z, t, p):
+    return p[0] * (STIFF_A @ z) + jnp.stack([0.0, p[1]])
+
+
+def test_stiff_terminal_event_adjoint_is_the_interpolating_one():
+    """rodas5p with a terminal event: the default adjoint (the interpolating one, ``z`` read off
+    forward re-solves; a backsolve would grow the fast mode by e^{1000 t}) matches float64 central
+    differences through the outputs before the event, the event time and the event state; outputs
+    past the event get no cotangent. An update event with it is refused with the alternatives."""
+    ev = jaxode.Event(lambda z, t, p: z[1] - 0.5)
+    ts = jnp.array([0.0, 0.2, 0.6, 3.0, 5.0])  # the event is near t = 0.69 (p = 1)
+
+    def loss(p, z0, gradient="adjoint"):
+        ys, info = jaxode.odesolve(_stiff, z0, ts, p, solver="rodas5p", rtol=1e-9, atol=1e-11, events=ev,
+                                   gradient=gradient, full_output=True)
+        reached = jnp.where(jnp.isfinite(ys), ys, 0.0)
+        return jnp.sum(reached[1:3] ** 2) + 3 * info.event_time + jnp.sum(jnp.sin(info.event_state))
+
+    p, z0 = jnp.array([1.0, 1.0]), jnp.array([1.0, 0.1])
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(p, z0)
+    reference = central_difference(jax.jit(lambda x: loss(x[0], x[1], "checkpoint")), (p, z0), eps=1e-6)
+    assert relative_error(grad, reference) < 1e-6
+    reset = jaxode.Event(lambda z, t, p: z[1] - 0.5, terminal=False, update=lambda z, t, p: z)
+    with pytest.raises(ValueError, match="checkpoint"):
+        jaxode.odesolve(_stiff, z0, ts, p, solver="rodas5p", gradient="adjoint", events=reset)
+
+
+def test_interpolating_adjoint_gives_the_falling_balls_impact_derivatives():
+    """tsit5 with ``adjoint_interpolate=True`` and a terminal event: the closed-form derivatives
+    of the impact time and velocity, ``dt*/dh = 1/sqrt(2hg)``, ``dv/dh = -g/sqrt(2hg)``."""
+    def impact(h, g):
+        _, info = jaxode.odesolve(ball, jnp.stack([h, 0.0, 0.0]), jnp.linspace(0.0, 3.0, 4),
+                                  {"g": g, "e": 0.0}, events=GROUND, adjoint_interpolate=True,
+                                  full_output=True, **TOL)
+        return info.event_time, info.event_state[1]
+
+    h, g = 10.0, 9.81
+    jac = jax.jit(jax.jacrev(impact, argnums=(0, 1)))(h, g)
+    exact = jax.jacrev(impact_exact, argnums=(0, 1))(h, g)
+    np.testing.assert_allclose(np.array(jac), np.array(exact), rtol=1e-8)
