@@ -32,11 +32,11 @@ outputs after ``τ`` (NaN, not reached) get no cotangent. Without a terminal eve
 ``δz0 = -f δt_0``, events included).
 
 **Interpolating adjoint** (an implicit method, or ``adjoint_interpolate=True``): ``z`` is not
-integrated backwards but read off forward re-solves (``jaxode.interpolated_adjoint``), on the
-outputs reached, the last interval ending at ``τ``, and ``a`` starts there from the terminal
-jump above. Events without an update change nothing backwards; events with an update are
-refused in this mode (the re-solves would have to replay the resets): ``"checkpoint"`` and
-``"backprop"`` differentiate them.
+integrated backwards but read off forward re-solves (``jaxode.interpolated_adjoint``) on the
+outputs reached, the last interval ending at ``τ``; ``a`` starts there from the terminal jump
+above. The re-solves replay the events that update the state, recording them as the forward
+solve does; the backward solve of ``a`` lands on each and applies the jump above to ``a`` and
+``a_θ`` (events without an update change nothing backwards).
 
 Second derivatives of this mode are not supported (a clear error; ``"backprop"`` has them).
 Memory: with a non-terminal event the record holds ``max_steps`` slots of ``(τ, z⁻, index)``
@@ -76,12 +76,6 @@ def _forward(field: FlatField, y0, ts, diff, nondiff, controls: Controls, cfg: C
 def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_tols, cfg: Config) -> Solution:
     """The forward ``Solution`` with events, differentiated by the backward adjoint solve with
     the jump conditions (module docstring). ``batched``: ``jax.vmap`` of one problem's solve."""
-    if cfg.interpolate and any(u is not None and not terminal
-                               for u, terminal in zip(cfg.events.updates, cfg.events.terminal)):
-        raise ValueError(
-            "jaxode: events with an update need gradient=\"checkpoint\" or \"backprop\" with the "
-            "interpolating adjoint (an implicit solver, or adjoint_interpolate=True)"
-        )
     if cfg.batched:
         single = cfg._replace(batched=False)
         one = lambda y: solve(field, y, ts, diff, nondiff, controls, adjoint_tols, single)
@@ -141,8 +135,7 @@ def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys,
              fwd_controls: Controls):
     """The backward solve with the jump conditions: ``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, status)``.
     ``controls``: the backward solve's; ``fwd_controls``: the forward's, for the re-solves of
-    the interpolating adjoint (``cfg.interpolate``: no updates, so no jumps but the terminal
-    event's, from which it starts)."""
+    the interpolating adjoint (``cfg.interpolate``)."""
     num_out, n = ys.shape
     times, states, which, stopped, index = record
     flat = cfg.events
@@ -188,9 +181,23 @@ def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys,
         ct_t = ct_t.at[-1].add(last)
         return ct_t.at[0].set(-jnp.dot(a0 - ct_b[0], fs[0])).astype(ts.dtype)
 
+    def adjoint_jump(a, tau_j, z_minus, k):
+        """``(a⁻, a_θ⁻ - a_θ⁺)`` across the recorded reset ``(τ_j, z⁻, k)`` (module docstring)."""
+        f_minus = f_at(z_minus, tau_j, theta).astype(dtype)
+        z_plus, vjp_u = jax.vjp(lambda z, t, th: upd_at(k, z, t, th), z_minus, tau_j, theta)
+        f_plus = f_at(z_plus, tau_j, theta).astype(dtype)
+        au_z, au_t, au_th = vjp_u(a.astype(ys.dtype))
+        _, vjp_c = jax.vjp(lambda z, t, th: cond_at(k, z, t, th), z_minus, tau_j, theta)
+        c_z, c_t, c_th = vjp_c(jnp.ones((), jnp.promote_types(ys.dtype, jnp.float32)))
+        cdot = jnp.dot(c_z.astype(dtype), f_minus) + c_t.astype(dtype)
+        kappa = (jnp.dot(au_z.astype(dtype), f_minus) + au_t.astype(dtype) - jnp.dot(a, f_plus)) / cdot
+        a_minus = au_z.astype(dtype) - kappa * c_z.astype(dtype)
+        return a_minus, au_th.astype(dtype) - kappa * c_th.astype(dtype)
+
     if cfg.interpolate:
         a0, _, ct_diff, bwd_info = interpolated_adjoint.backward(
-            field, ys_b, ts_b, diff, nondiff, ct_b, fwd_controls, controls, cfg, start=(a_end, ath_end))
+            field, ys_b, ts_b, diff, nondiff, ct_b, fwd_controls, controls, cfg, start=(a_end, ath_end),
+            jump=adjoint_jump)
         return a0.astype(ys.dtype), time_cotangents(a0.astype(dtype)), ct_diff, bwd_info.status
     a_end = a_end + ct_b[-1]
 
@@ -200,19 +207,9 @@ def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys,
         j = jnp.argmax(match)
 
         def apply():
-            tau_j, z_minus, k = times[j], states[j], which[j]
             a, a_th = y[n : 2 * n], y[2 * n : 2 * n + p]
-            f_minus = f_at(z_minus, tau_j, theta).astype(dtype)
-            z_plus, vjp_u = jax.vjp(lambda z, t, th: upd_at(k, z, t, th), z_minus, tau_j, theta)
-            f_plus = f_at(z_plus, tau_j, theta).astype(dtype)
-            au_z, au_t, au_th = vjp_u(a.astype(ys.dtype))
-            _, vjp_c = jax.vjp(lambda z, t, th: cond_at(k, z, t, th), z_minus, tau_j, theta)
-            c_z, c_t, c_th = vjp_c(jnp.ones((), jnp.promote_types(ys.dtype, jnp.float32)))
-            cdot = jnp.dot(c_z.astype(dtype), f_minus) + c_t.astype(dtype)
-            kappa = (jnp.dot(au_z.astype(dtype), f_minus) + au_t.astype(dtype) - jnp.dot(a, f_plus)) / cdot
-            a_minus = au_z.astype(dtype) - kappa * c_z.astype(dtype)
-            a_th = a_th + au_th.astype(dtype) - kappa * c_th.astype(dtype)
-            return jnp.concatenate([z_minus.astype(dtype), a_minus, a_th])
+            a_minus, d_th = adjoint_jump(a, times[j], states[j], which[j])
+            return jnp.concatenate([states[j].astype(dtype), a_minus, a_th + d_th])
 
         return lax.cond(jnp.any(match), apply, lambda: y)
 

@@ -43,6 +43,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from . import errors
+from . import events as events_module
 from .dense import evaluate_steps
 from .drivers import integrate
 from .forward import Config, Controls, FlatField
@@ -51,7 +52,7 @@ from .loop import Info, Loop, LoopState
 
 def backward(
     field: FlatField, ys, ts, diff, nondiff, ct_ys, controls: Controls, bwd_controls: Controls, cfg: Config,
-    batched: bool = False, start=None,
+    batched: bool = False, start=None, jump=None,
 ):
     """``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, info)`` by the interpolating adjoint (module docstring).
 
@@ -59,7 +60,9 @@ def backward(
     solve's tolerances. ``ys``, ``ct_ys``: ``(T, n)``. ``batched``: the function is to be
     vmapped (then no ``lax.cond``). ``start``: ``(a, a_θ)`` at ``ts[-1]`` before its output's
     cotangent is added (default zeros; the event adjoint's jump condition at a terminal event);
-    equal consecutive times (outputs past a terminal event) are skipped. ``info`` sums the
+    equal consecutive times (outputs past a terminal event) are skipped. ``jump(a, τ, z⁻, k)``:
+    with ``cfg.events``, the adjoint's jump ``(a⁻, Δa_θ)`` across a reset (``jaxode.event_adjoint``);
+    the re-solves then replay the events that update the state. ``info`` sums the
     backward solves' steps; its ``nfe`` also counts the re-solves' evaluations and the
     quadratures' vjps.
     """
@@ -71,6 +74,9 @@ def backward(
     ct_ys = ct_ys.astype(dtype)
     dt0 = None if method.adaptive else controls.dt0
     options = dict(method=method, max_steps=cfg.max_steps, max_dt=controls.max_dt, jump_ts=controls.jump_ts)
+    resets = None if jump is None else _resets(cfg.events, (diff, nondiff))
+    if resets is not None:  # the re-solves' records index the resetting events only
+        jump = (lambda jump: lambda a, tau, z, k: jump(a, tau, z, resets.index[k]))(jump)
 
     def f(z, t, th):
         return field(z, t, unravel(th), nondiff)
@@ -78,12 +84,12 @@ def backward(
     fz = lambda z, t: f(z, t, theta)
 
     def adjoint_over(part, t0, t1, a):
-        return _adjoint(f, theta, part, t0, t1, a, dt0, bwd_controls, weights, options)
+        return _adjoint(f, theta, part, t0, t1, a, dt0, bwd_controls, weights, options, jump)
 
     def segments(i, a, info):
         """The interval by checkpointed segments, last to first: ``(a, ∂θ, ∂t, info)``."""
         span = jnp.stack([ts[i - 1], ts[i]])
-        slots, count, first = _checkpoints(fz, ys[i - 1], span, controls, dt0, options)
+        slots, count, first = _checkpoints(fz, ys[i - 1], span, controls, dt0, options, resets)
         info = _add(info, first, backward=False)
 
         def segment(j, carry):
@@ -91,7 +97,7 @@ def backward(
             k = count - 1 - j
             t_end = jnp.where(k + 1 < count, slots.t[jnp.minimum(k + 1, slots.t.shape[0] - 1)], ts[i])
             seg_dt0 = slots.h[k] if method.adaptive else controls.dt0
-            part = _resolve(fz, slots.t[k], slots.y[k], seg_dt0, t_end, controls, options)
+            part = _resolve(fz, slots.t[k], slots.y[k], seg_dt0, t_end, controls, options, resets)
             a, d_theta, d_time, seg_info = adjoint_over(part, slots.t[k], t_end, a)
             return a, ct_theta + d_theta, ct_time + d_time, _add(info, seg_info, backward=True)
 
@@ -107,7 +113,7 @@ def backward(
         if batched:  # under vmap a cond runs both branches: always by segments
             a, d_theta, d_time, info = segments(i, a, info)
         else:
-            whole = _resolve(fz, ts[i - 1], ys[i - 1], dt0, ts[i], controls, options)
+            whole = _resolve(fz, ts[i - 1], ys[i - 1], dt0, ts[i], controls, options, resets)
 
             def at_once(a, info):
                 a, d_theta, d_time, part_info = adjoint_over(whole, ts[i - 1], ts[i], a)
@@ -147,10 +153,12 @@ class _Slots(NamedTuple):
     h: jax.Array
 
 
-def _checkpoints(fz, y0, span, controls: Controls, dt0, options) -> tuple[_Slots, jax.Array, Info]:
-    """Solves ``z`` over ``span`` from ``y0``, keeping ``(t, z, h)`` at its start and after
-    every ``_SEGMENT``-th accepted step: ``(slots, count, info)``."""
-    loop = Loop(fz, y0, span, controls.rtol, controls.atol, dt0, save_outputs=False, **options)
+def _checkpoints(fz, y0, span, controls: Controls, dt0, options, resets=None
+                 ) -> tuple[_Slots, jax.Array, Info]:
+    """Solves ``z`` over ``span`` from ``y0`` (replaying ``resets``), keeping ``(t, z, h)`` at its
+    start and after every ``_SEGMENT``-th accepted step: ``(slots, count, info)``."""
+    events = None if resets is None else resets.for_loop()
+    loop = Loop(fz, y0, span, controls.rtol, controls.atol, dt0, save_outputs=False, events=events, **options)
     capacity = -(-options["max_steps"] // _SEGMENT) + 1
     state = loop.init()
     slots = _Slots(jnp.zeros(capacity, span.dtype).at[0].set(span[0]),
@@ -172,15 +180,16 @@ def _checkpoints(fz, y0, span, controls: Controls, dt0, options) -> tuple[_Slots
     return slots, count, _info(state, loop.direction)
 
 
-def _resolve(fz, t0, y0, dt0, t1, controls: Controls, options) -> LoopState:
+def _resolve(fz, t0, y0, dt0, t1, controls: Controls, options, resets=None) -> LoopState:
     """``z`` re-solved from ``(t0, y0)`` to ``t1`` (first step ``dt0``, ``None``: chosen), keeping
     every step's interpolant, at most ``4 _SEGMENT`` step attempts (else a ``MAX_STEPS`` status)."""
     local = dict(options, max_steps=4 * _SEGMENT)
+    events = None if resets is None else resets.for_loop(record=True, buffer=4 * _SEGMENT)
     return integrate(fz, y0, jnp.stack([t0, t1]), controls.rtol, controls.atol, dt0, driver="flat",
-                     save_outputs=False, save_dense=True, **local)
+                     save_outputs=False, save_dense=True, events=events, **local)
 
 
-def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls, weights, options):
+def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls, weights, options, jump=None):
     """``a`` solved back from ``a(t1) = a1`` to ``t0`` over the re-solve ``part`` of ``[t0, t1]``
     (first step ``dt0``; ``None``: chosen afresh, as ``a`` jumps by ``∂L/∂ys[i]`` there), ``z``
     read off its interpolants, with the quadratures: ``(a(t0), ∂L/∂θ part, ∂L/∂t part, info)``;
@@ -196,8 +205,27 @@ def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls,
         _, vjp = jax.vjp(lambda z: f(z, t, theta), z_at(t))
         return -vjp(a)[0]
 
+    resets = part.event  # the resets the re-solve replayed (None without)
+    if resets is not None:  # landing on each, then the jump condition (in ``body``)
+        jump_ts = options["jump_ts"]
+        jump_ts = resets.times if jump_ts is None else jnp.concatenate([jump_ts, resets.times])
+        options = dict(options, jump_ts=jump_ts)
     loop = Loop(adjoint_field, a1, span[::-1], bwd_controls.rtol, bwd_controls.atol, dt0, save_outputs=False,
                 **options)
+
+    def at_reset(state, accepted):
+        """``state`` with the jump condition applied if it just landed on a reset, and its
+        contribution to ``∂L/∂θ``."""
+        t = loop.direction * state.t
+        match = accepted & (resets.times == t)
+        j = jnp.argmax(match)
+
+        def apply():
+            a, d_theta = jump(state.y, resets.times[j], resets.states[j], resets.which[j])
+            f_after = loop.g(a.astype(state.y.dtype), jnp.nextafter(state.t, jnp.inf))
+            return state._replace(y=a.astype(state.y.dtype), f=f_after), d_theta.astype(theta.dtype)
+
+        return lax.cond(jnp.any(match), apply, lambda: (state, jnp.zeros_like(theta)))
 
     def quadratures(record, counted):
         """``-h Σ_j w_j a_j·∂f/∂(θ, t)(z(t_j), t_j)`` over the step's nodes, if ``counted``."""
@@ -211,7 +239,11 @@ def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls,
     def body(c):
         state, acc_theta, acc_time = c
         new, record = loop.step(state)
-        d_theta, d_time = quadratures(record, new.num_accepted > state.num_accepted)
+        accepted = new.num_accepted > state.num_accepted
+        d_theta, d_time = quadratures(record, accepted)
+        if resets is not None:
+            new, jump_theta = at_reset(new, accepted)
+            d_theta = d_theta + jump_theta
         return new, acc_theta + d_theta, acc_time + d_time
 
     init = (loop.init(), jnp.zeros_like(theta), jnp.zeros((), span.dtype))
@@ -223,6 +255,28 @@ def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls,
                          num_jacobians=info.num_jacobians + part.num_jacobians)
     status = jnp.where(part.status != errors.SUCCESS, part.status, state.status)
     return state.y, d_theta, d_time, info._replace(status=status)
+
+
+def _resets(flat, args):
+    """The events that change the state (non-terminal, with an update), bound to ``args``, for
+    the re-solves; ``None`` if there are none. Their record's indices are mapped back to
+    ``flat``'s."""
+    keep = [k for k, (u, terminal) in enumerate(zip(flat.updates, flat.terminal))
+            if u is not None and not terminal]
+    if not keep:
+        return None
+    only = events_module.FlatEvents(tuple(flat.events[k] for k in keep), [flat.conditions[k] for k in keep],
+                                    [flat.updates[k] for k in keep])
+    return _Resets(only, args, jnp.asarray(keep, jnp.int32))
+
+
+class _Resets(NamedTuple):
+    flat: object  # events.FlatEvents of the resetting events
+    args: object
+    index: jax.Array  # (E',) their indices among all the events
+
+    def for_loop(self, record: bool = False, buffer: int = 1):
+        return self.flat.for_loop(self.args, record=record, buffer=buffer)
 
 
 def _info(state, direction) -> Info:

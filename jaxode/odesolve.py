@@ -230,8 +230,7 @@ def odesolve(
             solve there (later outputs NaN, status 0), a non-terminal one may update the state
             and the solve goes on (see ``jaxode.events``). ``info.event_time``,
             ``event_state``, ``event_index`` and ``num_events`` report them; all three gradient
-            modes differentiate through them (the interpolating adjoint, an implicit
-            method's, all but updates: use ``"checkpoint"`` there).
+            modes differentiate through them.
 
     Returns:
         ``ys``, with the structure of ``z0`` and each leaf given a leading axis of length
