@@ -257,7 +257,11 @@ def crossover_markdown(rows: list[dict]) -> list[str]:
              "same method and steps in both libraries; diffrax Midpoint, ConstantStepSize), loss "
              "mean(z(1)**2), max_steps 4096; time (ms) of jit(grad) per N (median of steady calls); "
              "'rev / x': reversible's time over mode x's (below 1: reversible faster). Temporary memory "
-             "(MiB, static): " + ", ".join(f"{m} {temp[m]:.1f}" for m in modes) + ".", "",
+             "(MiB, static): " + ", ".join(f"{m} {temp[m]:.1f}" for m in modes) + ". Recomputation: jaxode's "
+             "checkpoint keeps K = 182 states at max_steps 4096 (none up to 182 steps, at most one more "
+             "forward pass beyond); diffrax's default is 90 checkpoints at max_steps 4096 (online binomial "
+             "checkpointing: the recomputation grows with N / checkpoints); 'reversible' recomputes nothing "
+             "but costs about twice the evaluations per step.", "",
              "| N | " + " | ".join(modes) + " | " + " | ".join(f"rev / {m}" for m in modes[1:]) + " |",
              "|---:|" + "---:|" * (2 * len(modes) - 1)]
     for n in dict.fromkeys(r["steps"] for r in rows):
