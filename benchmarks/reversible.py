@@ -178,14 +178,16 @@ CROSSOVER_MAX_STEPS = 4096
 CROSSOVER = ("reversible", "checkpoint", "diffrax recursive", "diffrax recursive (8 checkpoints)")
 
 
-def crossover_rows(steps_list=(16, 64, 256, 1024), repeats: int = 2) -> list[dict]:
+def crossover_rows(steps_list=(16, 64, 256, 1024), rounds: int = 3) -> list[dict]:
     """On the large state, fixed-step midpoint over ``[0, 1]`` with ``dt0 = 1/N`` (traced: one
-    compile per mode), loss ``mean(z(1)**2)``: per mode and ``N``, the time of jit(grad) (the
-    median of ``repeats`` steady calls, ``run.timed``) and, per mode, its temporary memory
-    (``max_steps`` 4096 everywhere)."""
+    compile per mode), loss ``mean(z(1)**2)``: per mode and ``N``, the time of jit(grad) and, per
+    mode, its temporary memory (``max_steps`` 4096 everywhere). Timing: ``rounds`` rounds (5 for
+    ``N <= 64``), each calling every mode once in turn, so that a disturbance of the shared
+    machine hits all modes alike; ``min_s`` (the least disturbed call, reported) and ``median_s``."""
+    import time
+
     import jax
     import jax.numpy as jnp
-    from run import timed
 
     import jaxode
 
@@ -207,35 +209,24 @@ def crossover_rows(steps_list=(16, 64, 256, 1024), repeats: int = 2) -> list[dic
     temp = {mode: _temp_mib(fn, weight, dt0s[steps_list[0]]) for mode, fn in grads.items()}
     rows = []
     for n, dt0 in dt0s.items():
+        times = {mode: [] for mode in CROSSOVER}
+        for _ in range(5 if n <= 64 else rounds):
+            for mode in CROSSOVER:
+                start = time.perf_counter()
+                jax.block_until_ready(grads[mode](weight, dt0))
+                times[mode].append(time.perf_counter() - start)
         for mode in CROSSOVER:
-            call = lambda mode=mode, dt0=dt0: jax.block_until_ready(grads[mode](weight, dt0))
-            stats, _ = timed(call, repeats)
             rows.append({"steps": n, "jaxode_steps": int(steps_of(dt0)), "mode": mode,
-                         "median_s": stats["median_s"], "temp_mib": temp[mode]})
+                         "min_s": min(times[mode]), "median_s": float(np.median(times[mode])),
+                         "samples": len(times[mode]), "temp_mib": temp[mode]})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
 def markdown(mlp: list[dict], large: list[dict], meta: dict, crossover: list[dict] = ()) -> str:
-    lines = ["# gradient=\"reversible\" beside the other gradient modes", "",
-             f"mlp-batch, batch {meta['batch']}, dopri5, float32, one ODE for the whole batch; "
-             f"max_steps {meta['max_steps']}; time: median of {meta['repeats']} steady-state calls of "
-             "jit(value_and_grad); memory: XLA's compiled temporary memory of that function; gradient "
-             "error: |g - g_ref| / |g_ref| against the float64 dopri8 reference "
-             "(`workloads.reference_gradient`). Machine: " + meta["machine"] + ".", "",
-             "The reference's own error (its dopri5 vs dopri8 gradients, both at rtol 1e-10): "
-             + ", ".join(f"t1 = {t1:g}: {c}" for t1, c in _reference_checks(mlp, meta["batch"]))
-             + ". Where it is large the gradient errors below say nothing.", "",
-             "diffrax rows (diffrax 0.7.2): Dopri5, PIDController at the same rtol/atol, dt0=None (its first "
-             "step 0.01), max_steps 4096, `peers.diffrax_grad_fn`; steps: its own accepted steps. jaxode's "
-             "adjoint, checkpoint and backprop take the same steps (the 'adjoint' count).", "",
-             "| t1 | tol | steps | mode | time (ms) | temp memory (MiB) | gradient error |",
-             "|---:|---:|---:|---|---:|---:|---:|"]
-    for r in mlp:
-        time = f"{r['median_s'] * 1e3:.1f}" if "median_s" in r else r.get("error", "")
-        err = f"{r['grad_error']:.2e}" if "grad_error" in r else "n/a"
-        mem = f"{r['temp_mib']:.2f}" if "temp_mib" in r else ""
-        lines.append(f"| {r['t1']:g} | {r['tol']:g} | {r['steps']} | {r['mode']} | {time} | {mem} | {err} |")
+    lines = ["# gradient=\"reversible\" beside the other gradient modes"]
+    if mlp:
+        lines += mlp_markdown(mlp, meta)
     if large:
         lines += ["", "Large state: a (64, 1024) float32 state, `tanh(z W) - z`, dopri5 (diffrax: Dopri5), "
                   "rtol = atol = 1e-5, 11 outputs on [0, 1]; compiled temporary "
@@ -250,12 +241,36 @@ def markdown(mlp: list[dict], large: list[dict], meta: dict, crossover: list[dic
     return "\n".join(lines) + "\n"
 
 
+def mlp_markdown(mlp: list[dict], meta: dict) -> list[str]:
+    lines = ["", f"mlp-batch, batch {meta['batch']}, dopri5, float32, one ODE for the whole batch; "
+             f"max_steps {meta['max_steps']}; time: median of {meta['repeats']} steady-state calls of "
+             "jit(value_and_grad); memory: XLA's compiled temporary memory of that function; gradient "
+             "error: |g - g_ref| / |g_ref| against the float64 dopri8 reference "
+             "(`workloads.reference_gradient`). Machine: " + meta["machine"] + ".", "",
+             "The reference's own error (its dopri5 vs dopri8 gradients, both at rtol 1e-10): "
+             + ", ".join(f"t1 = {t1:g}: {c}" for t1, c in _reference_checks(mlp, meta["batch"]))
+             + ". Where it is large the gradient errors below say nothing.", "",
+             "diffrax rows (diffrax 0.7.2): Dopri5, PIDController at the same rtol/atol, dt0=None (its first "
+             "step 0.01), max_steps 4096, `peers.diffrax_grad_fn`. steps: step attempts (accepted + "
+             "rejected), jaxode's `Info.num_steps` and diffrax's `stats['num_steps']`; jaxode's adjoint, "
+             "checkpoint and backprop take the same steps (the 'adjoint' count).", "",
+             "| t1 | tol | steps | mode | time (ms) | temp memory (MiB) | gradient error |",
+             "|---:|---:|---:|---|---:|---:|---:|"]
+    for r in mlp:
+        time = f"{r['median_s'] * 1e3:.1f}" if "median_s" in r else r.get("error", "")
+        err = f"{r['grad_error']:.2e}" if "grad_error" in r else "n/a"
+        mem = f"{r['temp_mib']:.2f}" if "temp_mib" in r else ""
+        lines.append(f"| {r['t1']:g} | {r['tol']:g} | {r['steps']} | {r['mode']} | {time} | {mem} | {err} |")
+    return lines
+
+
 def crossover_markdown(rows: list[dict]) -> list[str]:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     temp = {r["mode"]: r["temp_mib"] for r in rows}
     lines = ["Crossover: the same (64, 1024) state, fixed-step midpoint over [0, 1] with dt0 = 1/N (the "
              "same method and steps in both libraries; diffrax Midpoint, ConstantStepSize), loss "
-             "mean(z(1)**2), max_steps 4096; time (ms) of jit(grad) per N (median of steady calls); "
+             "mean(z(1)**2), max_steps 4096; time (ms) of jit(grad) per N: the fastest of 3 rounds (5 "
+             "for N <= 64) that call every mode once in turn; "
              "'rev / x': reversible's time over mode x's (below 1: reversible faster). Temporary memory "
              "(MiB, static): " + ", ".join(f"{m} {temp[m]:.1f}" for m in modes) + ". Recomputation: jaxode's "
              "checkpoint keeps K = 182 states at max_steps 4096 (none up to 182 steps, at most one more "
@@ -265,7 +280,7 @@ def crossover_markdown(rows: list[dict]) -> list[str]:
              "| N | " + " | ".join(modes) + " | " + " | ".join(f"rev / {m}" for m in modes[1:]) + " |",
              "|---:|" + "---:|" * (2 * len(modes) - 1)]
     for n in dict.fromkeys(r["steps"] for r in rows):
-        t = {r["mode"]: r["median_s"] for r in rows if r["steps"] == n}
+        t = {r["mode"]: r.get("min_s", r["median_s"]) for r in rows if r["steps"] == n}
         lines.append(f"| {n} | " + " | ".join(f"{t[m] * 1e3:.0f}" for m in modes) + " | "
                      + " | ".join(f"{t[modes[0]] / t[m]:.2f}" for m in modes[1:]) + " |")
     return lines
