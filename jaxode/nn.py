@@ -297,9 +297,10 @@ class NeuralODE(eqx.Module):
         ts: output times, or ``None`` for the interval mode.
         t0, t1: the interval of the interval mode (``t0 != t1``; ``t1 < t0`` solves backwards).
         solver, rtol, atol, dt0, max_steps, gradient, adjoint_rtol, adjoint_atol,
-            adjoint_seminorm, throw: passed to ``jaxode.odesolve`` (same defaults:
-            ``"tsit5"``, 1e-6, 1e-6, ``None``, 4096, ``"adjoint"``, ...); concrete numbers,
-            kept in ``node.options``. ``rtol``/``atol`` are the defaults of ``__call__``'s.
+            adjoint_seminorm, reversible_coupling, throw: passed to ``jaxode.odesolve`` (same
+            defaults: ``"tsit5"``, 1e-6, 1e-6, ``None``, 4096, ``"adjoint"``, ..., 0.999);
+            concrete numbers, kept in ``node.options`` (``reversible_coupling``: ``λ`` of
+            ``gradient="reversible"``, in ``(0, 1]``). ``rtol``/``atol`` are the defaults of ``__call__``'s.
         batched: passed to ``odesolve``: ``z0`` carries a leading axis of ``B`` independent
             initial conditions, each solved with its own steps (as under ``eqx.filter_vmap``,
             with the parameter adjoints summed inside one backward solve); the field sees one
@@ -311,7 +312,8 @@ class NeuralODE(eqx.Module):
     Raises:
         ValueError: at construction for an unknown solver (the message lists the names), an
             empty interval, times that are not strictly monotonic, bad tolerances,
-            ``max_steps``, ``gradient`` or a fixed-step solver without ``dt0``; at the first
+            ``max_steps``, ``gradient``, ``reversible_coupling`` or a fixed-step solver without
+            ``dt0``; at the first
             call if the field's output shape differs from the state's (the message names both).
     """
 
@@ -336,6 +338,7 @@ class NeuralODE(eqx.Module):
         adjoint_rtol: float | None = None,
         adjoint_atol: float | None = None,
         adjoint_seminorm: bool = False,
+        reversible_coupling: float = 0.999,
         batched: bool = False,
         throw: bool = True,
         full_output: bool = False,
@@ -359,7 +362,8 @@ class NeuralODE(eqx.Module):
         try:
             self.options = Options(
                 solver=solver, max_steps=max_steps, gradient=gradient,
-                adjoint_seminorm=bool(adjoint_seminorm), batched=bool(batched), throw=bool(throw),
+                adjoint_seminorm=bool(adjoint_seminorm), reversible_coupling=reversible_coupling,
+                batched=bool(batched), throw=bool(throw),
                 full_output=bool(full_output), **numbers,
             )
         except (ValueError, TypeError) as e:

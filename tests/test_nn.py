@@ -160,6 +160,33 @@ def test_gradient_option_passes_through():
             jax.jvp(lambda m, mode=mode: run(m, mode), (f,), (tangent,))
 
 
+
+def test_reversible_coupling_reaches_odesolve():
+    """``reversible_coupling`` is odesolve's λ: the outputs equal odesolve's with the same λ
+    (and differ between two λ), and the gradients (field weights and z0) equal odesolve's.
+    Coarse Euler steps, so that ``y`` and ``ŷ`` differ and λ visibly enters."""
+    f = small_field()
+    opts = dict(solver="euler", dt0=0.1, gradient="reversible")
+    weights = jnp.linspace(0.5, 1.5, len(TS))[:, None]
+
+    def grad(loss, m):
+        return eqx.filter_jit(eqx.filter_grad(lambda mz: loss(*mz)))((m, Z0))
+
+    outs = {}
+    for lam in (0.5, 1.0):
+        node = NeuralODE(f, ts=TS, reversible_coupling=lam, **opts)
+        assert node.options.reversible_coupling == lam
+        direct = lambda field, z0, lam=lam: jaxode.odesolve(
+            field, z0, TS, None, reversible_coupling=lam, **opts)
+        outs[lam] = node(Z0)
+        assert_allclose(outs[lam], direct(f, Z0), rtol=0, atol=0)
+        g_node, gz_node = grad(lambda m, z0: jnp.sum(weights * m(z0) ** 2), node)
+        g_direct, gz_direct = grad(lambda m, z0, direct=direct: jnp.sum(weights * direct(m, z0) ** 2), f)
+        tree_allclose(g_node.field, g_direct, rtol=1e-12, atol=1e-14)
+        assert_allclose(gz_node, gz_direct, rtol=1e-12, atol=1e-14)
+    assert float(jnp.max(jnp.abs(outs[0.5] - outs[1.0]))) > 1e-4  # λ changes the solve
+    assert NeuralODE(f, ts=TS).options.reversible_coupling == 0.999  # odesolve's default
+
 def test_only_field_weights_are_trainable_arrays():
     f = small_field()
     node = NeuralODE(f, ts=TS)
@@ -346,6 +373,8 @@ def test_unknown_solver_lists_names():
         (dict(solver="euler", dt0=-0.1), "dt0 must be > 0"),
         (dict(max_steps=0), "max_steps"),
         (dict(adjoint_atol=-1.0), "adjoint_atol must be >= 0"),
+        (dict(reversible_coupling=1.5), r"reversible_coupling must be in \(0, 1\]"),
+        (dict(reversible_coupling=0.0, gradient="reversible"), r"reversible_coupling must be in \(0, 1\]"),
     ],
 )
 def test_bad_configuration_raises_at_construction(kwargs, match):
