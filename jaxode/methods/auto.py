@@ -123,11 +123,11 @@ class AutoSwitch(Method):
 
         def pack(r: StepResult, error, coefficients, rho):
             pad = degree - coefficients.shape[0]
-            coefficients = jnp.concatenate([coefficients, jnp.zeros((pad,) + y.shape, y.dtype)])
-            nodes = simpson_nodes(t, y, h, t_end, coefficients, r.y_new)
-            result = StepResult(r.y_new, r.f_new, error.astype(edtype), coefficients, nodes,
-                                jnp.asarray(r.nfe, jnp.int32), jnp.asarray(r.num_jacobians, jnp.int32), ())
-            return result, lax.stop_gradient(h_e * rho.astype(edtype))
+            if pad:
+                coefficients = jnp.concatenate([coefficients, jnp.zeros((pad,) + y.shape, y.dtype)])
+            counts = jnp.asarray(r.nfe, jnp.int32), jnp.asarray(r.num_jacobians, jnp.int32)
+            h_rho = h_e * rho.astype(edtype)
+            return (r.y_new, r.f_new, error.astype(edtype), coefficients) + counts + (h_rho,)
 
         def explicit():
             r = self.nonstiff.step(field, t, y, h, f0, (), t_end)
@@ -143,8 +143,12 @@ class AutoSwitch(Method):
             r, jac = self.stiff.step_with_jacobian(field, t, y, h, f0, (), t_end)
             return pack(r, r.error, r.dense, spectral_radius(jac))
 
-        result, h_rho = lax.cond(state.stiff, implicit, explicit)
-        return result._replace(state=self._vote(state, h_rho))
+        # only what differs leaves the cond (the quadrature nodes follow outside it, and are
+        # dropped by XLA where nothing uses them)
+        y_new, f_new, error, coefficients, nfe, num_jac, h_rho = lax.cond(state.stiff, implicit, explicit)
+        nodes = simpson_nodes(t, y, h, t_end, coefficients, y_new)
+        result = StepResult(y_new, f_new, error, coefficients, nodes, nfe, num_jac, ())
+        return result._replace(state=self._vote(state, lax.stop_gradient(h_rho)))
 
     def _vote(self, state: AutoState, h_rho) -> AutoState:
         """The state after an accepted step whose ``h·ρ`` is ``h_rho``."""
