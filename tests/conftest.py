@@ -88,6 +88,7 @@ SLOW_CASES = {
     "tests/test_rosenbrock.py::test_gradient_against_finite_differences[rosenbrock23-backprop]",
     "tests/test_while_loops.py::test_checkpoint_mode_equals_backprop[dopri5]",  # [rk4] stays
     "tests/test_while_loops.py::test_optax_training_step_fits_a_decay_rate[backprop]",  # [adjoint] stays
+    "tests/test_events.py::test_interpolating_adjoint_across_resets[rodas5p]",  # [tsit5] stays
 }
 SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run also pins down
     "tests/test_adjoint.py::test_seminorm_saves_backward_steps_at_equal_accuracy",
