@@ -75,16 +75,17 @@ def backward(
     dt0 = None if method.adaptive else controls.dt0
     options = dict(method=method, max_steps=cfg.max_steps, max_dt=controls.max_dt, jump_ts=controls.jump_ts)
     resets = None if jump is None else _resets(cfg.events, (diff, nondiff))
-    if resets is not None:  # the re-solves' records index the resetting events only
-        jump = (lambda jump: lambda a, tau, z, k: jump(a, tau, z, resets.index[k]))(jump)
 
     def f(z, t, th):
         return field(z, t, unravel(th), nondiff)
 
     fz = lambda z, t: f(z, t, theta)
 
+    def reset_jump(a, tau, z_minus, k):  # the re-solves' records index the resetting events only
+        return jump(a, tau, z_minus, resets.index[k])
+
     def adjoint_over(part, t0, t1, a):
-        return _adjoint(f, theta, part, t0, t1, a, dt0, bwd_controls, weights, options, jump)
+        return _adjoint(f, theta, part, t0, t1, a, dt0, bwd_controls, weights, options, reset_jump)
 
     def segments(i, a, info):
         """The interval by checkpointed segments, last to first: ``(a, ∂θ, ∂t, info)``."""
@@ -125,8 +126,8 @@ def backward(
             a, d_theta, d_time, info = lax.cond(fits, at_once, by_segments, a, info)
         # an empty interval (outputs past a terminal event, all at its time) changes nothing
         empty = ts[i - 1] == ts[i]
-        a, d_theta, d_time = (jnp.where(empty, 0 * x, x) for x in (a, d_theta, d_time))
-        a = a + jnp.where(empty, a_before, 0)
+        a = jnp.where(empty, a_before, a)
+        d_theta, d_time = jnp.where(empty, 0, d_theta), jnp.where(empty, 0, d_time)
         info = jax.tree_util.tree_map(lambda old, new: jnp.where(empty, old, new), before, info)
         return (a, ct_theta + d_theta, ct_time + d_time, info), None
 
@@ -156,7 +157,9 @@ class _Slots(NamedTuple):
 def _checkpoints(fz, y0, span, controls: Controls, dt0, options, resets=None
                  ) -> tuple[_Slots, jax.Array, Info]:
     """Solves ``z`` over ``span`` from ``y0`` (replaying ``resets``), keeping ``(t, z, h)`` at its
-    start and after every ``_SEGMENT``-th accepted step: ``(slots, count, info)``."""
+    start and after every ``_SEGMENT``-th accepted step (with resets: the first after it that
+    did not end at a reset, so that every reset lies inside a segment, where its re-solve
+    replays it): ``(slots, count, info)``."""
     events = None if resets is None else resets.for_loop()
     loop = Loop(fz, y0, span, controls.rtol, controls.atol, dt0, save_outputs=False, events=events, **options)
     capacity = -(-options["max_steps"] // _SEGMENT) + 1
@@ -166,16 +169,19 @@ def _checkpoints(fz, y0, span, controls: Controls, dt0, options, resets=None
                    jnp.zeros(capacity, state.h.dtype).at[0].set(state.h))
 
     def body(c):
-        state, slots, count = c
+        state, slots, count, since = c
         new, _ = loop.step(state)
-        due = (new.num_accepted > state.num_accepted) & (new.num_accepted % _SEGMENT == 0) & loop.running(new)
+        since = since + (new.num_accepted - state.num_accepted)
+        due = (since >= _SEGMENT) & loop.running(new)
+        if events is not None:
+            due = due & (new.event.count == state.event.count)
         k = jnp.minimum(count, capacity - 1)
         put = lambda buf, x: buf.at[k].set(jnp.where(due, x, buf[k]))
         slots = _Slots(put(slots.t, loop.direction * new.t), put(slots.y, new.y), put(slots.h, new.h))
-        return new, slots, count + due.astype(jnp.int32)
+        return new, slots, count + due.astype(jnp.int32), jnp.where(due, 0, since)
 
-    init = (state, slots, jnp.ones((), jnp.int32))
-    state, slots, count = lax.while_loop(lambda c: loop.running(c[0]), body, init)
+    init = (state, slots, jnp.ones((), jnp.int32), jnp.zeros((), jnp.int32))
+    state, slots, count, _ = lax.while_loop(lambda c: loop.running(c[0]), body, init)
     state = loop.finish(state)
     return slots, count, _info(state, loop.direction)
 
@@ -199,7 +205,8 @@ def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls,
     direction = jnp.where(t1 >= t0, 1, -1).astype(span.dtype)
 
     def z_at(t):  # continued past the part's ends: some methods' stages lie beyond their step
-        return evaluate_steps(part.dense, t0, direction * part.t, direction, method, t, extrapolate=True)
+        return evaluate_steps(part.dense, t0, direction * part.t, direction, method, t, extrapolate=True,
+                              side="left")  # at a reset, a backward step starting there needs z⁻
 
     def adjoint_field(a, t):
         _, vjp = jax.vjp(lambda z: f(z, t, theta), z_at(t))
@@ -223,7 +230,8 @@ def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls,
         def apply():
             a, d_theta = jump(state.y, resets.times[j], resets.states[j], resets.which[j])
             f_after = loop.g(a.astype(state.y.dtype), jnp.nextafter(state.t, jnp.inf))
-            return state._replace(y=a.astype(state.y.dtype), f=f_after), d_theta.astype(theta.dtype)
+            new = state._replace(y=a.astype(state.y.dtype), f=f_after, nfe=state.nfe + 1)
+            return new, d_theta.astype(theta.dtype)
 
         return lax.cond(jnp.any(match), apply, lambda: (state, jnp.zeros_like(theta)))
 

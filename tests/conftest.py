@@ -88,7 +88,9 @@ SLOW_CASES = {
     "tests/test_rosenbrock.py::test_gradient_against_finite_differences[rosenbrock23-backprop]",
     "tests/test_while_loops.py::test_checkpoint_mode_equals_backprop[dopri5]",  # [rk4] stays
     "tests/test_while_loops.py::test_optax_training_step_fits_a_decay_rate[backprop]",  # [adjoint] stays
-    "tests/test_events.py::test_interpolating_adjoint_across_resets[rodas5p]",  # [tsit5] stays
+}
+SLOW_TESTS_EVENTS = {  # closed forms through the interpolating adjoint; the pendulum test stays
+    "tests/test_events.py::test_interpolating_adjoint_across_resets",
 }
 SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run also pins down
     "tests/test_adjoint.py::test_seminorm_saves_backward_steps_at_equal_accuracy",
@@ -104,5 +106,5 @@ SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run a
 def pytest_collection_modifyitems(config, items):
     for item in items:
         base = item.nodeid.split("[")[0]
-        if item.nodeid in SLOW_CASES or base in SLOW_TESTS:
+        if item.nodeid in SLOW_CASES or base in SLOW_TESTS or base in SLOW_TESTS_EVENTS:
             item.add_marker(pytest.mark.slow)
