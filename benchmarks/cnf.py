@@ -6,8 +6,9 @@ Cases (float32, CPU unless JAX finds an accelerator):
 * ``d=16, hutchinson``: batch 512, a ``ConcatSquashField(16, 64, depth 3)``, Hutchinson's
   trace with one Rademacher vector per sample.
 
-The same field weights, data, noise, solver (tsit5; dopri5 beside torchdiffeq), tolerances (rtol 1e-3, atol 1e-5, RMS
-error norm over the whole state) and interval ``[0, 1]`` for every variant:
+The same field weights, data, noise, solver (tsit5; dopri5 beside torchdiffeq), tolerances
+(rtol 1e-3, atol 1e-5, RMS error norm over the whole state) and interval ``[0, 1]`` for every
+variant:
 
 * ``jaxode joint``: ``jaxode.nn.CNF.log_prob`` on the batch, solved as one state (the CNF's
   way), ``gradient="adjoint"`` and ``"checkpoint"``;
