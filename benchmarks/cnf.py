@@ -33,7 +33,7 @@ largest over the batch, which sets the vectorised loop's length). All three libr
 ``6 steps + 2`` forward evaluations with tsit5 or dopri5 (FSAL, and 2 for the first step);
 torchdiffeq's steps are read off its evaluation count that way.
 
-Run: ``python benchmarks/cnf.py [--repeats N] [--quick] [--out PATH.md]``.
+Run: ``python benchmarks/cnf.py [--repeats N] [--quick] [--no-vmap] [--weight-scale S] [--out PATH.md]``.
 """
 
 from __future__ import annotations
@@ -222,6 +222,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     p.add_argument("--weight-scale", type=float, default=1.0,
                    help="multiply the field's initial weights (a less trivial flow: more steps)")
+    p.add_argument("--no-vmap", action="store_true", help="skip the per-sample (vmap) variants")
     args = p.parse_args(argv)
     batch = 64 if args.quick else 512
     repeats = 2 if args.quick else args.repeats
@@ -260,6 +261,11 @@ def main(argv=None):
             variants += [
                 ("diffrax vmap, BacksolveAdjoint", dx("backsolve", False)),
                 ("diffrax vmap, RecursiveCheckpoint", dx("recursive", False)),
+            ]
+        if args.no_vmap:
+            variants = [v for v in variants if " vmap" not in v[0]]
+        if have_diffrax:
+            variants += [
                 ("diffrax joint, BacksolveAdjoint", dx("backsolve", True)),
                 ("diffrax joint, RecursiveCheckpoint", dx("recursive", True)),
             ]
