@@ -80,6 +80,7 @@ def checkpointed_while(
     num_blocks = -(-max_steps // block)
     group = max(1, math.ceil(math.sqrt(num_blocks)))  # blocks per group
     num_groups = -(-num_blocks // group)
+
     def iteration(state, _):
         going = cond(state)
 
