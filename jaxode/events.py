@@ -17,9 +17,11 @@ condition can change sign twice within a fraction ``1/(K+1)`` of a step.
 Location: in that piece, a bracketing root finder (Chandrupatla's, 1997: inverse quadratic
 interpolation with a bisection safeguard) on ``g(θ) = condition(interpolant(θ), t + θh)``,
 until the bracket is below the resolution of the time (``eps · max(|t|, h)``) or ``g = 0``.
-The solve's state at ``t*`` is the dense output there (no overshoot). When several events fire
-in one step, the earliest ``t*`` wins, ties going to the lower index; the step is truncated at
-``t*``: outputs up to ``t*`` are written, and
+The solve's state at ``t*`` is the dense output there (no overshoot). (Under ``jax.vmap``,
+where a ``lax.cond`` on a batched predicate runs both branches, the root finders run only in
+the steps where an event fired for some element, and with terminal events only no restart is
+prepared at all.) When several events fire in one step, the earliest ``t*`` wins, ties going
+to the lower index; the step is truncated at ``t*``: outputs up to ``t*`` are written, and
 
 * a terminal event stops the solve: later outputs stay NaN, the status is 0;
 * a non-terminal one replaces the state by ``update(z(t*), t*, params)`` (or keeps it) and the
@@ -58,6 +60,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
+
+from .while_loops import max_in_batch
 
 __all__ = ["Event"]
 
@@ -262,15 +266,20 @@ def after_step(loop, old, new, at, coeffs):
     h_safe = jnp.where(at.h > 0, at.h, 1)
     atol = eps * jnp.maximum(jnp.abs(at.t) / h_safe, 1)
     step_args = (at.y, coeffs, at.t, at.h, d, ev.args)
-    thetas_star = []
-    for e in range(num):
-        g = functools.partial(_g, loop.method.interpolate, flat.conditions[e])
-        # a bracket of width 0 where the event did not fire: under jax.vmap (where lax.cond runs
-        # both branches) its root finder stops after one evaluation
-        bracket = (jnp.where(fired[e], lo[e], 1), jnp.where(fired[e], hi[e], 1), v_lo[e], v_hi[e], atol)
-        locate = lambda g=g, bracket=bracket: root(g, bracket, step_args)
-        thetas_star.append(lax.cond(fired[e], locate, lambda: jnp.ones((), tdtype)))
-    theta_all = jnp.stack(thetas_star)
+
+    def locate_all():
+        thetas_star = []
+        for e in range(num):
+            g = functools.partial(_g, loop.method.interpolate, flat.conditions[e])
+            # a bracket of width 0 where the event did not fire: under jax.vmap (where lax.cond
+            # runs both branches) its root finder stops after one evaluation
+            bracket = (jnp.where(fired[e], lo[e], 1), jnp.where(fired[e], hi[e], 1), v_lo[e], v_hi[e], atol)
+            locate = lambda g=g, bracket=bracket: root(g, bracket, step_args)
+            thetas_star.append(lax.cond(fired[e], locate, lambda: jnp.ones((), tdtype)))
+        return jnp.stack(thetas_star)
+
+    # under jax.vmap, the root finders run only in the steps where an event fired somewhere
+    theta_all = lax.cond(max_in_batch(jnp.any(fired)), locate_all, lambda: jnp.ones((num,), tdtype))
     key = jnp.where(fired, lax.stop_gradient(theta_all), jnp.inf)
     k = jnp.argmin(key).astype(jnp.int32)  # the earliest; ties: the lowest index
     any_fired = jnp.any(fired)
@@ -298,7 +307,10 @@ def after_step(loop, old, new, at, coeffs):
     def go_on():
         return new.y, new.f, jnp.where(at.accept, c_end, carry.c)
 
-    y_next, f_next, c_next = lax.cond(reset, restart, go_on)
+    if all(flat.terminal):  # no restart to prepare (under jax.vmap, lax.cond would run it)
+        y_next, f_next, c_next = go_on()
+    else:
+        y_next, f_next, c_next = lax.cond(reset, restart, go_on)
     y_next = jnp.where(terminal, y_star, y_next)
     times, states, which = carry.times, carry.states, carry.which
     if ev.record:

@@ -5,15 +5,18 @@
 
 JAX cannot transpose a ``lax.while_loop`` whose trip count depends on the data, and a
 ``lax.scan`` over ``max_steps`` iterations would pay for ``max_steps`` steps and store all of
-them. ``checkpointed_while`` runs the loop body in blocks of ``B`` iterations: an outer
-``scan`` over ``ceil(max_steps / B)`` blocks, each block a ``jax.checkpoint``-ed inner ``scan``,
-and a block (or an iteration) whose loop has finished is skipped by ``lax.cond``.
+them. ``checkpointed_while`` runs the loop body in blocks of ``B`` iterations, ``G =
+ceil(sqrt(ceil(max_steps / B)))`` blocks to a group: an outer ``scan`` over the groups, a
+``scan`` over a group's blocks, each block a ``jax.checkpoint``-ed inner ``scan``; a group, a
+block or an iteration whose loop has finished is skipped by ``lax.cond``.
 
 Cost for a solve of ``N`` steps (``N <= max_steps``), with ``S`` the size of the loop state and
 ``R`` that of one body's residuals (for a Runge–Kutta step with ``s`` stages, ``R ≈ s·S`` plus
 the vector field's own intermediates):
 
-* forward: ``N`` bodies, plus ``O(max_steps / B)`` skipped blocks (a few scalar operations each);
+* forward: ``N`` bodies, plus ``O(sqrt(max_steps / B))`` skipped groups and blocks and at most
+  ``B - 1`` skipped iterations (the loop's predicate and a branch each; before the groups, the
+  ``max_steps / B`` skipped blocks of a short solve cost more than its steps);
 * reverse: the ``ceil(N / B)`` blocks that ran are recomputed once (``N`` more bodies) and
   transposed, with at most ``B - 1`` skipped iterations in the last one; skipped blocks cost
   nothing;
@@ -24,8 +27,8 @@ the vector field's own intermediates):
 Under ``jax.vmap`` a batched predicate would turn ``lax.cond`` into a select that runs both
 branches, and every block would run; so a block is skipped when the loop has finished for
 every element of the batch (``max_in_batch``), and inside a block that runs, the iterations of
-finished elements are masked. The cost then grows with the most steps any element takes, not
-with ``max_steps``.
+finished elements are masked, and those after every element has finished skipped. The cost
+then grows with the most steps any element takes, not with ``max_steps``.
 
 **custom_vjp_while** (reverse mode only) computes the same derivative with a ``jax.custom_vjp``
 around a plain ``lax.while_loop``, whose cost does not depend on ``max_steps``:
@@ -75,18 +78,28 @@ def checkpointed_while(
     """
     block = max(1, math.ceil(math.sqrt(max_steps / residual_ratio)))
     num_blocks = -(-max_steps // block)
+    group = max(1, math.ceil(math.sqrt(num_blocks)))  # blocks per group
+    num_groups = -(-num_blocks // group)
 
-    def guarded(state, _):
-        return lax.cond(cond(state), body, lambda s: s, state), None
+    def iteration(state, _):
+        going = cond(state)
+
+        def masked(state):  # under jax.vmap a select: the elements that have finished keep their state
+            return lax.cond(going, body, lambda s: s, state)
+
+        return lax.cond(max_in_batch(going), masked, lambda s: s, state), None
+
+    def skip_unless_running(run):
+        return lambda state, _: (lax.cond(max_in_batch(cond(state)), run, lambda s: s, state), None)
 
     @jax.checkpoint
-    def run(state):
-        return lax.scan(guarded, state, None, length=block)[0]
+    def run_block(state):
+        return lax.scan(iteration, state, None, length=block)[0]
 
-    def run_block(state, _):
-        return lax.cond(max_in_batch(cond(state)), run, lambda s: s, state), None
+    def run_group(state):
+        return lax.scan(skip_unless_running(run_block), state, None, length=group)[0]
 
-    return lax.scan(run_block, init, None, length=num_blocks)[0]
+    return lax.scan(skip_unless_running(run_group), init, None, length=num_groups)[0]
 
 
 @jax.custom_batching.custom_vmap
@@ -310,14 +323,17 @@ def _record(tape: _Tape, carry: list, iteration: Array, num_slots: int) -> _Tape
     # always written: when not due, into the next free slot, which the next checkpoint overwrites
     slots = [s.at[tape.count].set(x) for s, x in zip(tape.slots, carry)]
     count = tape.count + due.astype(tape.count.dtype)
+    full = count == num_slots
 
     def thin(slots, count, stride):
         half = num_slots // 2
-        return [s.at[:half].set(s[::2]) for s in slots], count - half, stride * 2
+        thinned = [s.at[:half].set(s[::2]) for s in slots]
+        # under jax.vmap, only for the elements whose slots are full
+        return ([jnp.where(full, a, b) for a, b in zip(thinned, slots)],
+                jnp.where(full, count - half, count), jnp.where(full, stride * 2, stride))
 
-    slots, count, stride = lax.cond(
-        count == num_slots, thin, lambda *a: a, slots, count, tape.stride
-    )
+    # a branch, not a select of every slot at every iteration, also under jax.vmap
+    slots, count, stride = lax.cond(max_in_batch(full), thin, lambda *a: a, slots, count, tape.stride)
     return _Tape(slots, count, stride)
 
 
