@@ -212,10 +212,10 @@ def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls,
         _, vjp = jax.vjp(lambda z: f(z, t, theta), z_at(t))
         return -vjp(a)[0]
 
-    resets = part.event  # the resets the re-solve replayed (None without)
-    if resets is not None:  # landing on each, then the jump condition (in ``body``)
+    replayed = part.event  # the resets the re-solve replayed (None without)
+    if replayed is not None:  # landing on each, then the jump condition (in ``body``)
         jump_ts = options["jump_ts"]
-        jump_ts = resets.times if jump_ts is None else jnp.concatenate([jump_ts, resets.times])
+        jump_ts = replayed.times if jump_ts is None else jnp.concatenate([jump_ts, replayed.times])
         options = dict(options, jump_ts=jump_ts)
     loop = Loop(adjoint_field, a1, span[::-1], bwd_controls.rtol, bwd_controls.atol, dt0, save_outputs=False,
                 **options)
@@ -224,11 +224,11 @@ def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls,
         """``state`` with the jump condition applied if it just landed on a reset, and its
         contribution to ``∂L/∂θ``."""
         t = loop.direction * state.t
-        match = accepted & (resets.times == t)
+        match = accepted & (replayed.times == t)
         j = jnp.argmax(match)
 
         def apply():
-            a, d_theta = jump(state.y, resets.times[j], resets.states[j], resets.which[j])
+            a, d_theta = jump(state.y, replayed.times[j], replayed.states[j], replayed.which[j])
             f_after = loop.g(a.astype(state.y.dtype), jnp.nextafter(state.t, jnp.inf))
             new = state._replace(y=a.astype(state.y.dtype), f=f_after, nfe=state.nfe + 1)
             return new, d_theta.astype(theta.dtype)
@@ -249,7 +249,7 @@ def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls,
         new, record = loop.step(state)
         accepted = new.num_accepted > state.num_accepted
         d_theta, d_time = quadratures(record, accepted)
-        if resets is not None:
+        if replayed is not None:
             new, jump_theta = at_reset(new, accepted)
             d_theta = d_theta + jump_theta
         return new, acc_theta + d_theta, acc_time + d_time
