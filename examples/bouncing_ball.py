@@ -17,8 +17,6 @@ Run: ``python examples/bouncing_ball.py [--out PATH] [--quick]``.
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
 import matplotlib
@@ -33,7 +31,8 @@ import optax  # noqa: E402
 
 import jaxode  # noqa: E402
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bouncing_ball.png")
+from _common import parser, save  # noqa: E402
+
 H0, G_TRUE, E_TRUE = 10.0, 9.81, 0.8
 SLOTS = 3  # bounce times recorded in the state
 TOL = dict(rtol=1e-9, atol=1e-9)
@@ -125,10 +124,7 @@ def aim(target, p, v0, steps):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="where to write the PNG")
-    p.add_argument("--quick", action="store_true", help="fewer optimisation steps (for the tests)")
-    p.add_argument("--seed", type=int, default=0)
+    p = parser(__doc__, "bouncing_ball", quick_help="fewer optimisation steps (for the tests)")
     return p.parse_args(argv)
 
 
@@ -190,9 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     ax[2].set(xlabel="x", ylabel="y", title="projectile with drag, aimed by its event")
     ax[2].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=110)
-    plt.close(fig)
+    save(fig, args.out, dpi=110)
     runtime = time.perf_counter() - t_start
     print(f"wrote {args.out}   ({runtime:.1f} s)")
     return {

@@ -20,9 +20,7 @@ Run: ``python examples/cnf_toy.py [--out PATH] [--quick] [--iters N] [--reg-weig
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import time
 
 import matplotlib
@@ -39,10 +37,11 @@ from tqdm import tqdm  # noqa: E402
 
 from jaxode.nn import CNF, ConcatSquashField  # noqa: E402
 
+from _common import parser, save  # noqa: E402
+
 RADIUS = 4.0 / 1.414
 SIGMA = 0.5 / 1.414
 NUM_MODES = 8
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "cnf_toy.png")
 
 
 def centres() -> np.ndarray:
@@ -66,16 +65,13 @@ def true_log_prob(x) -> jax.Array:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="where to write the PNG")
-    p.add_argument("--quick", action="store_true", help="a few-seconds smoke run")
+    p = parser(__doc__, "cnf_toy")
     p.add_argument("--iters", type=int, default=None, help="training steps per model")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--reg-weight", type=float, default=0.01, help="λ of the regularised run")
     p.add_argument("--rtol", type=float, default=1e-3, help="training tolerance (atol = rtol/100)")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -238,9 +234,7 @@ def _plot(out, results, x_test, true_nll, key):
     for a in ax.ravel():
         a.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
     fig.tight_layout(h_pad=2.5)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save(fig, out, dpi=90)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,6 @@ FORCED = _force_host_devices()
 if FORCED:
     print(f"data_parallel: CPU only, set XLA_FLAGS={os.environ['XLA_FLAGS']} before importing jax")
 
-import argparse  # noqa: E402
 import time  # noqa: E402
 
 import matplotlib  # noqa: E402
@@ -94,12 +93,13 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import jaxode  # noqa: E402
 from jaxode.nn import MLPField, NeuralODE  # noqa: E402
 
+from _common import parser, save  # noqa: E402
+
 A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
 Z0 = np.array([2.0, 0.0])
 T_END = 25.0
 AXIS = "batch"
 STRATEGIES = ("vmap", "batched", "shard_map")
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "data_parallel.png")
 
 
 # --------------------------------------------------------------------------- sharding helpers
@@ -282,9 +282,7 @@ def check_status(status, what: str) -> None:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="where to write the loss-curve PNG")
-    p.add_argument("--quick", action="store_true", help="a few-seconds smoke run")
+    p = parser(__doc__, "data_parallel", out_help="where to write the loss-curve PNG")
     p.add_argument("--strategy", choices=STRATEGIES, default="vmap")
     p.add_argument("--gradient", choices=("adjoint", "backprop"), default="adjoint")
     p.add_argument("--iters", type=int, default=None, help="training iterations")
@@ -292,7 +290,6 @@ def parse(argv):
                    help="windows per iteration over all hosts (padded to a multiple of the devices)")
     p.add_argument("--window", type=int, default=None, help="observations per window")
     p.add_argument("--num-times", type=int, default=None, help="observations in [0, 25]")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coordinator", default=None, help="multi-host: the coordinator's host:port")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
@@ -416,9 +413,7 @@ def _plot(out, losses, ys, learned, strategy, num_devices):
     a.set(xlabel="$z_1$", ylabel="$z_2$", title="phase portrait", aspect="equal")
     a.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save(fig, out, dpi=100)
 
 
 if __name__ == "__main__":

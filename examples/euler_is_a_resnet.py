@@ -26,8 +26,6 @@ Run: ``python examples/euler_is_a_resnet.py [--out PATH] [--quick] [--steps N]``
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
 import matplotlib
@@ -44,7 +42,8 @@ import optax  # noqa: E402
 import jaxode  # noqa: E402
 from jaxode.nn import MLPField  # noqa: E402
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "euler_is_a_resnet.png")
+from _common import parser, save  # noqa: E402
+
 T_END = 2.0
 H_TRAIN = 0.05
 
@@ -66,11 +65,8 @@ def resnet_forward(field, z0, t0: float, h: float, num_blocks: int):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="where to write the PNG")
-    p.add_argument("--quick", action="store_true", help="a few-seconds smoke run")
+    p = parser(__doc__, "euler_is_a_resnet")
     p.add_argument("--steps", type=int, default=None, help="training steps")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -165,9 +161,7 @@ def _plot(out, ts, data, euler_train, fine, ode, hs, errors, slope, intercept):
     a.set(xlabel="step h", ylabel="max |z_h - z|", title="Euler's global error is O(h)")
     a.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out, dpi=110)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,7 @@ Run: ``python examples/latent_ode.py [--out PATH] [--quick] [--iters N] [--seed 
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import time
 
 import matplotlib
@@ -52,7 +50,8 @@ from tqdm import tqdm  # noqa: E402
 
 from jaxode.nn import MLPField, NeuralODE  # noqa: E402
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "latent_ode.png")
+from _common import parser, save  # noqa: E402
+
 NOISE = 0.05
 LATENT, HIDDEN = 4, 25
 NUM_WINDOW, NUM_EXTRA = 100, 50
@@ -228,14 +227,11 @@ def rmse(pred, truth) -> float:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="where to write the PNG")
-    p.add_argument("--quick", action="store_true", help="a few-seconds smoke run")
+    p = parser(__doc__, "latent_ode")
     p.add_argument("--iters", type=int, default=None, help="training steps per model")
     p.add_argument("--observed", type=int, nargs="+", default=None, help="n, points observed")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--clip", type=float, default=10.0, help="gradient clipping (global norm)")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -308,9 +304,7 @@ def _plot(out, n, truth, idx, obs, pred_lode, pred_rnn):
               title=("clockwise" if clockwise[i] else "counter-clockwise") + f", t in [0, {grid[-1]:.1f}]")
     np.atleast_1d(ax)[0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save(fig, out, dpi=90)
 
 
 if __name__ == "__main__":

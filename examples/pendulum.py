@@ -13,8 +13,6 @@ Run: ``python examples/pendulum.py [--out PATH] [--quick] [--solver NAME]``.
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
 import matplotlib
@@ -29,9 +27,10 @@ from scipy.integrate import odeint  # noqa: E402
 
 import jaxode  # noqa: E402
 
+from _common import parser, save  # noqa: E402
+
 B, C = 0.25, 5.0
 Y0 = (np.pi - 0.1, 0.0)
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "pendulum.png")
 
 
 def pendulum(y, t, params):
@@ -48,9 +47,7 @@ def pendulum_np(y, t, b, c):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="where to write the PNG")
-    p.add_argument("--quick", action="store_true", help="a smoke run (the same solve: it is fast)")
+    p = parser(__doc__, "pendulum", quick_help="a smoke run (the same solve: it is fast)", seed=False)
     p.add_argument("--solver", default="dopri8", help="jaxode solver name (default dopri8)")
     p.add_argument("--tol", type=float, default=1e-10, help="rtol = atol of both solves")
     return p.parse_args(argv)
@@ -88,9 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     ax[1].set(xlabel="t", title="|jaxode - odeint|")
     ax[1].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=110)
-    plt.close(fig)
+    save(fig, args.out, dpi=110)
     runtime = time.perf_counter() - t_start
     print(f"wrote {args.out}   ({runtime:.1f} s)")
     return {

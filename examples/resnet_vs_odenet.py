@@ -23,8 +23,6 @@ Run: ``python examples/resnet_vs_odenet.py [--out PATH] [--quick] [--blocks K] [
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
 import matplotlib
@@ -43,7 +41,8 @@ from tqdm import tqdm  # noqa: E402
 
 from jaxode.nn import MLPField, NeuralODE  # noqa: E402
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "resnet_vs_odenet.png")
+from _common import parser, save  # noqa: E402
+
 NUM_CLASSES = 10
 
 
@@ -163,14 +162,11 @@ def train(model, x, y, *, epochs: int, batch: int, lr: float, key, desc: str = "
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="where to write the PNG")
-    p.add_argument("--quick", action="store_true", help="a few-seconds smoke run")
+    p = parser(__doc__, "resnet_vs_odenet")
     p.add_argument("--blocks", type=int, default=6, help="K, the ResNet's residual blocks")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -265,9 +261,7 @@ def _plot(out, trained, x_te, y_te, num_blocks):
               ylabel="cross-entropy")
     ax[2].legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save(fig, out, dpi=100)
 
 
 if __name__ == "__main__":

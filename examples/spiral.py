@@ -18,8 +18,6 @@ Run: ``python examples/spiral.py [--out PATH] [--quick] [--iters N] [--seed S]``
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
 import matplotlib
@@ -37,10 +35,11 @@ from tqdm import tqdm  # noqa: E402
 import jaxode  # noqa: E402
 from jaxode.nn import MLPField, NeuralODE  # noqa: E402
 
+from _common import parser, save  # noqa: E402
+
 A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
 Z0 = np.array([2.0, 0.0])
 T_END = 25.0
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "spiral.png")
 
 
 def true_field(z, t, params):
@@ -61,13 +60,10 @@ def make_data(num_times: int):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="where to write the PNG")
-    p.add_argument("--quick", action="store_true", help="a few-seconds smoke run")
+    p = parser(__doc__, "spiral")
     p.add_argument("--iters", type=int, default=None, help="training iterations")
     p.add_argument("--window", type=int, default=None, help="observations per training window")
     p.add_argument("--num-times", type=int, default=None, help="observations in [0, 25]")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -177,9 +173,7 @@ def _plot(out, model, ts, ys, learned):
         a.set(xlabel="$z_1$", ylabel="$z_2$", title=title, aspect="equal", xlim=(-lim, lim),
               ylim=(-lim, lim))
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out, dpi=110)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,6 @@ Run: ``python examples/stiff_kinetics.py [--out PATH] [--quick] [--iters N] [--s
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
 import matplotlib
@@ -63,13 +61,14 @@ import optax  # noqa: E402
 
 import jaxode  # noqa: E402
 
+from _common import parser, save  # noqa: E402
+
 K_TRUE = np.array([0.04, 3e7, 1e4])
 START_FACTOR = np.array([10.0, 0.1, 10.0])  # the initial guess is K_TRUE * START_FACTOR
 Y0 = np.array([1.0, 0.0, 0.0])
 LOG10_T = (-4.0, 5.0)  # observations at log-spaced times 1e-4 ... 1e5
 NOISE = 0.01  # relative noise: obs = y (1 + NOISE ε), ε ~ N(0, 1)
 RTOL, ATOL = 1e-7, 1e-12  # the fit's tolerances (also tsit5's)
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "stiff_kinetics.png")
 
 
 def robertson(y, t, log_k):
@@ -80,12 +79,9 @@ def robertson(y, t, log_k):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="where to write the PNG")
-    p.add_argument("--quick", action="store_true", help="a few-seconds smoke run")
+    p = parser(__doc__, "stiff_kinetics")
     p.add_argument("--iters", type=int, default=None, help="Adam iterations")
     p.add_argument("--num-obs", type=int, default=None, help="observation times in [1e-4, 1e5]")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -244,9 +240,7 @@ def _plot(out, t, ys_fit, ys_start, t_obs, obs, k_fit):
                  f"(true 0.04, 3e7, 1e4)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out, dpi=110)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+if EXAMPLES not in sys.path:
+    sys.path.append(EXAMPLES)  # the examples import their sibling ``_common``, as when run as scripts
 
 
 def load(name):
