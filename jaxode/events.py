@@ -121,16 +121,19 @@ def check_events(events) -> tuple[Event, ...] | None:
     return tuple(events)
 
 
+def _eval_shape(fn, name: str, z0, t, params):
+    """``fn(z0, t, params)``'s shapes and dtypes, traced abstractly; a failure names ``name``."""
+    try:
+        return eqx.filter_eval_shape(fn, z0, t, params)
+    except Exception as e:
+        raise TypeError(f"calling {name}(z, t, params) failed: {type(e).__name__}: {e}") from e
+
+
 def check_functions(events: tuple[Event, ...], z0, t, params) -> None:
     """At trace time: each condition returns a real floating-point scalar, each update a state
     with ``z0``'s structure, shapes and dtypes."""
     for i, ev in enumerate(events):
-        try:
-            out = eqx.filter_eval_shape(ev.condition, z0, t, params)
-        except Exception as e:
-            raise TypeError(
-                f"calling events[{i}].condition(z, t, params) failed: {type(e).__name__}: {e}"
-            ) from e
+        out = _eval_shape(ev.condition, f"events[{i}].condition", z0, t, params)
         leaves = jax.tree_util.tree_leaves(out)
         if len(leaves) != 1 or leaves[0].shape != () or not jnp.issubdtype(leaves[0].dtype, jnp.floating):
             got = [(x.shape, str(x.dtype)) for x in leaves] if leaves else out
@@ -139,12 +142,7 @@ def check_functions(events: tuple[Event, ...], z0, t, params) -> None:
             )
         if ev.update is None:
             continue
-        try:
-            new = eqx.filter_eval_shape(ev.update, z0, t, params)
-        except Exception as e:
-            raise TypeError(
-                f"calling events[{i}].update(z, t, params) failed: {type(e).__name__}: {e}"
-            ) from e
+        new = _eval_shape(ev.update, f"events[{i}].update", z0, t, params)
         s_in, s_out = jax.tree_util.tree_structure(z0), jax.tree_util.tree_structure(new)
         if s_in != s_out:
             raise ValueError(

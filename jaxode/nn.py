@@ -58,6 +58,12 @@ def _check_size(name: str, value: int, minimum: int) -> int:
     return int(value)
 
 
+def _check_sizes(data_size: int, width: int, depth: int) -> tuple[int, int, int]:
+    """An MLP's sizes checked: ``data_size >= 1``, ``width >= 1``, ``depth >= 0`` hidden layers."""
+    checked = _check_size("data_size", data_size, 1), _check_size("width", width, 1)
+    return checked + (_check_size("depth", depth, 0),)
+
+
 def _dense(layer: eqx.nn.Linear, h: Array) -> Array:
     """``h @ W.T + b`` for ``h`` of shape ``(..., in)``: an ``eqx.nn.Linear`` on the last axis."""
     out = h @ layer.weight.T
@@ -132,9 +138,7 @@ class MLPField(eqx.Module):
         dtype: Any = None,
         key: Array,
     ):
-        self.data_size = _check_size("data_size", data_size, 1)
-        self.width = _check_size("width", width, 1)
-        self.depth = _check_size("depth", depth, 0)
+        self.data_size, self.width, self.depth = _check_sizes(data_size, width, depth)
         self.activation = activation
         self.final_activation = final_activation
         self.autonomous = bool(autonomous)
@@ -222,9 +226,7 @@ class ConcatSquashField(eqx.Module):
         dtype: Any = None,
         key: Array,
     ):
-        self.data_size = _check_size("data_size", data_size, 1)
-        self.width = _check_size("width", width, 1)
-        self.depth = _check_size("depth", depth, 0)
+        self.data_size, self.width, self.depth = _check_sizes(data_size, width, depth)
         self.activation = activation
         sizes = [self.data_size] + [self.width] * self.depth + [self.data_size]
         keys = jax.random.split(key, len(sizes) - 1)

@@ -317,6 +317,11 @@ def test_bad_input():
         solve([lambda z, t, p: z[0]])
     with pytest.raises(ValueError, match="interior_points"):
         jaxode.Event(lambda z, t, p: z[0], interior_points=-1)
+    with pytest.raises(TypeError, match=r"calling events\[0\]\.condition\(z, t, params\) failed: KeyError"):
+        solve(jaxode.Event(lambda z, t, p: z[0] + p["missing"]))  # PARAMS has no such key
+    with pytest.raises(TypeError, match=r"calling events\[1\]\.update\(z, t, params\) failed: KeyError"):
+        solve([jaxode.Event(lambda z, t, p: z[0]),
+               jaxode.Event(lambda z, t, p: z[0], terminal=False, update=lambda z, t, p: z @ p["missing"])])
 
 
 @pytest.mark.parametrize("mode", ("adjoint", "backprop"))
