@@ -92,8 +92,11 @@ CAUSES = {
     "T5": (
         "Profiled with `python benchmarks/compile_profile.py` (the same training step; "
         "`jax.jit(step).trace`, `.lower`, `.compile` timed apart; the optimised HLO counted per "
-        "top-level loop). Tracing and lowering take 0.1-0.8 s; the rest is XLA, and its time "
-        "follows the size of the program: optimised HLO instructions jax odeint 2061, jaxode "
+        "top-level loop). Tracing and lowering took 0.4 s for jax odeint, 0.8-1.3 s for jaxode's "
+        "adjoint, checkpoint and reversible, 3 s for backprop (its nested scans) and 2.7-3.5 s "
+        "for diffrax (on 2 cores under a load of ~10, about 3x a quiet machine's times); the "
+        "rest is XLA, and its time follows the size of the program: optimised HLO "
+        "instructions jax odeint 2061, jaxode "
         "adjoint 3819, reversible 5317, backprop 7591, checkpoint 7976 (diffrax "
         "RecursiveCheckpointAdjoint 4220, BacksolveAdjoint 7757). **adjoint** (1.9x odeint's "
         "HLO): the forward loop is 909 instructions against odeint's 445 (the step also checks "
