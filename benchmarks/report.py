@@ -15,9 +15,16 @@ TARGETS = (
     ("T3b", "mlp-batch backprop gradient time <= 0.75 x diffrax RecursiveCheckpointAdjoint, "
             "gradient error no worse (jaxode's reverse-mode `checkpoint`; `backprop`, which also "
             "does forward mode, in brackets)"),
-    ("T4", "vmap adjoint gradient (per-sample steps) <= 3 x the batched adjoint gradient"),
-    ("T5", "first call of a jitted gradient (training) step no slower than jax odeint's"),
+    ("T4", "`jax.grad` of the vmapped adjoint solve (per-sample steps, shared parameters, default "
+           "options) <= 3 x the batch solved as one state: the README's `NeuralODE` + "
+           "`eqx.filter_vmap(model)(z0s)` pattern (128 2-D points) and mlp-batch (`jax.vmap` of the "
+           "solve)"),
+    ("T5", "first call of a jitted gradient (training) step, per mode, no slower than jax odeint's"),
     ("T6", "adjoint peak memory at the longest horizon within 1.2 x of t1=1"),
+    ("T7", "vmapped `gradient=\"backprop\"` gradient time independent of max_steps (256, 1024, 4096; "
+           "slowest / fastest <= 1.25), batch under `jax.vmap` and as one state"),
+    ("T8", "a repeated eager (un-jitted) `odesolve` call and eager `jax.grad` within 2 x of the same "
+           "inside `jax.jit`"),
 )
 
 
@@ -74,28 +81,70 @@ CAUSES = {
         "skipped blocks of max_steps = 4096."
     ),
     "T4": (
-        "Under `jax.vmap` the adjoint carries a parameter adjoint per sample: the backward state "
-        "holds 256 x 25k parameter adjoints and every stage computes and combines them. "
-        "`batched=True` gives the same per-sample steps with one shared parameter adjoint "
-        "(summed over the batch inside the backward solve); it meets the target (the "
-        "`batched=True` ratio above). `gradient='checkpoint'` under `jax.vmap` is far cheaper "
-        "than the vmapped adjoint too: its per-sample parameter cotangents are formed once per "
-        "step (the transpose of the step contracts the stages in one product) rather than "
-        "carried through every stage of an ODE state."
+        "`jax.grad` of a vmapped adjoint solve with unbatched parameters runs one backward solve "
+        "for the batch with one shared parameter adjoint (a `custom_jvp` whose rule goes through "
+        "`custom_vmap` when vmap batches its tangents: `jaxode/adjoint.py`), the same program as "
+        "`batched=True`; the per-sample steps remain, so the ratio to one state is the cost of "
+        "each sample keeping its own step size (the loop runs until the slowest sample is done, "
+        "every step over the whole batch). `jax.vmap` of `jax.grad` (per-sample gradients) or "
+        "batched parameters still carry a parameter adjoint per sample."
     ),
     "T5": (
-        "Compilation: XLA compiles jaxode's training step in ~1.1 s against ~0.85 s for jax "
-        "odeint's (trace and lowering ~0.25 s for both). The difference is the extra machinery "
-        "in the program: the failure checks raised under jit (`throw=True`, ~0.1 s of compile: "
-        "`throw=False` compiles the forward as fast as odeint's), the dense output, the status "
-        "and counters, and the backward's six unrolled stages, each a copy of the MLP's "
-        "vector-Jacobian product (odeint loops over its stages). Looping jaxode's stages saved "
-        "~0.1 s of compile but made the `jax.vmap`-ed adjoint gradient 5x slower (the stacked "
-        "stages of per-sample parameter adjoints rewritten at every stage), so they stay "
-        "unrolled. "
-        "`checkpoint` compiles the step three times (the forward loop, the segment recomputation "
-        "and the `vjp` of the step, which is ~1.2 s of XLA time alone, 0.25 s of it for the "
-        "transposed masked writes of the outputs), so its first call is the slowest."
+        "Profiled with `python benchmarks/compile_profile.py` (the same training step; "
+        "`jax.jit(step).trace`, `.lower`, `.compile` timed apart; the optimised HLO counted per "
+        "top-level loop). Tracing and lowering took 0.4 s for jax odeint, 0.8-1.3 s for jaxode's "
+        "adjoint, checkpoint and reversible, 3 s for backprop (its nested scans) and 2.7-3.5 s "
+        "for diffrax (on 2 cores under a load of ~10, about 3x a quiet machine's times); the "
+        "rest is XLA, and its time follows the size of the program: optimised HLO "
+        "instructions jax odeint 2061, jaxode "
+        "adjoint 3819, reversible 5317, backprop 7591, checkpoint 7976 (diffrax "
+        "RecursiveCheckpointAdjoint 4220, BacksolveAdjoint 7757). **adjoint** (1.9x odeint's "
+        "HLO): the forward loop is 909 instructions against odeint's 445 (the step also checks "
+        "for failure, runs the PI controller, counts and writes the outputs from the dense "
+        "coefficients) and the backward loop 1937 with 63 dots against odeint's 1122 with 31: "
+        "jaxode's backward step unrolls the vector-Jacobian products of all seven stages (3 "
+        "forward and 6 transposed matmuls of the MLP each), odeint loops over its stages. The "
+        "failure checks (`throw=True`: two host callbacks and two conditionals, ~100 of the 3819 "
+        "instructions) are not the cause: without them the compile changed by 0-30% across "
+        "runs, within the noise of a loaded machine. Looping the stages saved ~0.1 s of compile but "
+        "made the vmapped adjoint 5x slower, so they stay unrolled. **checkpoint**: three loops "
+        "hold a copy of the step: the forward (1360 instructions, with the tape), the segment "
+        "recomputation (1186) and the vector-Jacobian product of the step (4327, 54 dots: the "
+        "MLP's six stages recomputed and transposed, the transposed masked writes of the "
+        "outputs and the step's bookkeeping): that product alone is 54% of the program and "
+        "more than twice the adjoint's whole backward step. **backprop**: the checkpointed "
+        "scans (7 loops, 11 conditionals: a skip branch per level) hold the differentiated step "
+        "in a 4790-instruction loop. **reversible**: 161 dots (the two-state step and its "
+        "inversion). Compile time is what the first call misses on; no change that cuts it "
+        "without costing the steady state was found."
+    ),
+    "T7": (
+        "The time of `gradient=\"backprop\"` grows with the memory it lays out, which is "
+        "`O(sqrt(max_steps))` by design (`jaxode/while_loops.py`: the block inputs of every "
+        "block, `(max_steps / B) S`, plus one block's residuals, `B R`). The scans skip the "
+        "computation of finished blocks and groups, but a `lax.scan` stacks its residuals for "
+        "every iteration and a linearised `lax.cond` outputs the residuals of both branches, "
+        "so the skipped blocks' inputs and residuals are still written (as zeros) and read "
+        "back in the reverse pass. Profiled on `checkpointed_while` alone (a `sin` body over a 100k-float "
+        "state, 30 iterations, residual ratio 7): gradient 27 ms at max_steps 256, 146 ms at "
+        "4096, 2.2 s with one iteration per block (4096 blocks), while the forward stays at "
+        "~4.5 ms. Under `jax.vmap` the same traffic is there, over the batch's states and "
+        "residuals, on top of a gradient that already costs ~10x the one-state one at any "
+        "`max_steps` (mlp-batch, batch 128: 0.7-1.1 s against ~0.1 s on this machine). "
+        "`gradient=\"checkpoint\"` (a `custom_vjp` around a plain "
+        "while loop) has no such term: use it for reverse mode."
+    ),
+    "T8": (
+        "The compiled solve is cached (`equinox.filter_jit` inside `odesolve`, keyed on `f`'s "
+        "identity, the non-array `params`, array shapes and dtypes and the static options), so a "
+        "repeated eager call compiles nothing; what remains is Python per call. On a 2-state "
+        "system whose jitted solve takes ~0.2 ms, an eager `odesolve` adds ~0.2-0.3 ms (cProfile "
+        "of 300 calls: ~30% in `odesolve`'s input checks and `Options`, the rest in "
+        "`equinox.filter_jit`'s Python call: flattening, filtering and hashing the arguments); "
+        "an eager `jax.grad` re-traces the loss and the solve's custom JVP, partial evaluation "
+        "and transposition at every call (JAX caches no un-jitted transformation), ~3 ms. On "
+        "mlp-batch, where a solve costs ~25 ms, both are within a few percent of the jitted "
+        "call. Put a training step in `jax.jit` (as the README does)."
     ),
 }
 
@@ -241,22 +290,40 @@ def evaluate_targets(res: dict) -> list[tuple[str, str, str, str]]:
 
     # T4
     parts, oks = [], []
+    node = by_label(((res.get("traps") or {}).get("node") or {}).get("rows"))
+    one = node.get("adjoint one state")
+    r = ratio(med(node.get("adjoint vmap")), med(one))
+    if r is not None:
+        v = med(node["adjoint vmap"])
+        parts.append(f"NeuralODE + filter_vmap: {r:.1f}x ({ms(v)} vs {ms(med(one))} ms)")
+        oks.append(r <= 3.0)
     for s in ("dopri5", "tsit5"):
         v, b = gv.get(f"jaxode {s} adjoint vmap"), g.get(f"jaxode {s} adjoint")
         r = ratio(med(v), med(b))
         if r is not None:
-            parts.append(f"{s}: {r:.1f}x ({ms(med(v))} vs {ms(med(b))} ms)")
+            parts.append(f"mlp-batch {s}: {r:.1f}x ({ms(med(v))} vs {ms(med(b))} ms)")
             oks.append(r <= 3.0)
+    extras = []
+    for lab, name in (("adjoint batched=True", "batched=True"), ("checkpoint vmap", "checkpoint vmap"),
+                      ("diffrax BacksolveAdjoint vmap", "diffrax BacksolveAdjoint vmap")):
+        rr = ratio(med(node.get(lab)), med(one))
+        if rr is not None:
+            extras.append(f"{name} {rr:.1f}x")
+    if extras:
+        parts.append("(NeuralODE: " + ", ".join(extras) + ")")
+    extras = []
     for s in ("dopri5", "tsit5"):
         v, b = gv.get(f"jaxode {s} adjoint batched=True"), g.get(f"jaxode {s} adjoint")
         if ratio(med(v), med(b)) is not None:
-            parts.append(f"(batched=True, the same per-sample steps, {s}: {ratio(med(v), med(b)):.2f}x)")
+            extras.append(f"batched=True {s} {ratio(med(v), med(b)):.1f}x")
     v, b = gv.get("jaxode dopri5 checkpoint vmap"), g.get("jaxode dopri5 adjoint")
     if ratio(med(v), med(b)) is not None:
-        parts.append(f"(gradient='checkpoint' under vmap, dopri5: {ratio(med(v), med(b)):.1f}x)")
+        extras.append(f"checkpoint vmap dopri5 {ratio(med(v), med(b)):.1f}x")
     dv, db = gv.get("diffrax dopri5 BacksolveAdjoint vmap"), g.get("diffrax dopri5 BacksolveAdjoint")
     if ratio(med(dv), med(db)) is not None:
-        parts.append(f"(diffrax dopri5: {ratio(med(dv), med(db)):.1f}x)")
+        extras.append(f"diffrax BacksolveAdjoint vmap / its one state {ratio(med(dv), med(db)):.1f}x")
+    if extras:
+        parts.append("(mlp-batch: " + ", ".join(extras) + ")")
     out.append(("T4", desc["T4"], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
 
     # T5
@@ -270,7 +337,7 @@ def evaluate_targets(res: dict) -> list[tuple[str, str, str, str]]:
     ref = mem_row("jax odeint", "adjoint", 1.0)
     parts, oks = [], []
     if ref:
-        for mode in ("adjoint", "backprop", "checkpoint"):
+        for mode in ("adjoint", "backprop", "checkpoint", "reversible"):
             j = mem_row("jaxode", mode, 1.0)
             if j:
                 parts.append(f"{mode}: {j['first_s']:.2f} s vs {ref['first_s']:.2f} s")
@@ -296,6 +363,34 @@ def evaluate_targets(res: dict) -> list[tuple[str, str, str, str]]:
                 parts.append(f"process peak (compile incl.) {b['process_peak_mib']:.0f} vs "
                              f"{a['process_peak_mib']:.0f} MiB")
     out.append(("T6", desc["T6"], "; ".join(parts) or "n/a", verdict(ok)))
+
+    # T7
+    traps = res.get("traps") or {}
+    rows = [r for r in (traps.get("backprop_steps") or {}).get("rows") or [] if med(r) is not None]
+    parts, oks = [], []
+    for pattern in ("vmap", "one state"):
+        rs = sorted((r for r in rows if r["pattern"] == pattern), key=lambda r: r["max_steps"])
+        if len(rs) > 1:
+            times = [med(r) for r in rs]
+            spread = max(times) / min(times)
+            parts.append(f"{pattern}: " + " / ".join(ms(t) for t in times) + " ms at max_steps "
+                         + " / ".join(str(r["max_steps"]) for r in rs) + f" ({spread:.2f}x)")
+            oks.append(spread <= 1.25)
+    out.append(("T7", desc["T7"], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
+
+    # T8
+    parts, oks = [], []
+    for wl, r in (traps.get("eager") or {}).items():
+        if failed(r):
+            continue
+        rows = by_label(r.get("rows"))
+        for what in ("odesolve", "jax.grad"):
+            e, j = rows.get(f"eager {what}"), rows.get(f"jit {what}")
+            rr = ratio(med(e), med(j))
+            if rr is not None:
+                parts.append(f"{wl} {what}: {rr:.2f}x ({ms(med(e))} vs {ms(med(j))} ms)")
+                oks.append(rr <= 2.0)
+    out.append(("T8", desc["T8"], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
     return out
 
 
@@ -482,6 +577,76 @@ def section_overhead(res: dict) -> str:
     return "\n".join(out)
 
 
+def section_traps(res: dict) -> str:
+    traps = res.get("traps")
+    if not traps:
+        return ""
+    out = ["## 4. Speed traps: the patterns users write (issue 12)\n"]
+    node = traps.get("node") or {}
+    out.append(f"### NeuralODE + `eqx.filter_vmap` (the README's pattern), batch {node.get('batch', 128)}\n")
+    if failed(node):
+        out.append(f"failed: {failed(node)}\n")
+    elif node:
+        out.append("`MLPField(2, width=64, depth=2)` in a `NeuralODE` (tsit5, rtol 1e-3, atol 1e-4, 20 "
+                   "outputs in [0, 1]), float32; `eqx.filter_jit(eqx.filter_value_and_grad(loss))` of "
+                   "the MSE to `z0 exp(-t)` over the batch. *vmap*: `eqx.filter_vmap(model)(z0s)` (per-"
+                   "sample steps; for the adjoint, `jax.grad` of it runs one backward solve with a shared "
+                   "parameter adjoint); *batched=True*: `NeuralODE(..., batched=True)(z0s)`; *one state*: "
+                   "`model(z0s)`, one step size for the batch; diffrax: `jax.vmap` of `diffeqsolve` with "
+                   "`Tsit5`, `PIDController`, `BacksolveAdjoint`, the same field. *grad diff*: "
+                   "`|g - g_ref| / |g_ref|` against a one-state `checkpoint` gradient at rtol = atol = "
+                   "1e-6.\n")
+        rows_by = by_label(node.get("rows"))
+        one = rows_by.get("adjoint one state")
+        rows = [[r["label"], time_cell(r), num(ratio(med(r), med(one))), sec(r.get("first_s")),
+                 sci(r.get("grad_diff")), r.get("error", "")] for r in node.get("rows") or []]
+        out.append(table(["case", "gradient ms (min–max)", "x one state", "first call s", "grad diff",
+                          "error"], rows))
+        out.append("")
+    bp = traps.get("backprop_steps") or {}
+    if bp:
+        out.append(f"### `gradient=\"backprop\"` vs max_steps (mlp-batch, dopri5, batch {bp.get('batch')})\n")
+        if failed(bp):
+            out.append(f"failed: {failed(bp)}\n")
+        else:
+            out.append("The same solve (same steps taken) at each `max_steps`: *vmap* is `jax.vmap` of the "
+                       "solve over the samples (per-sample steps), *one state* the batch as one ODE. "
+                       "The gradients at every `max_steps` are asserted equal (*diff*: against the first "
+                       "`max_steps`).\n")
+            rows = [[r["label"], time_cell(r), sec(r.get("first_s")), sci(r.get("grad_diff_vs_first")),
+                     r.get("error", "")] for r in bp.get("rows") or []]
+            out.append(table(["case", "gradient ms (min–max)", "first call s", "diff", "error"], rows))
+            out.append("")
+    eager = traps.get("eager") or {}
+    if eager:
+        out.append("### Eager calls vs `jax.jit`\n")
+        out.append("`odesolve(f, z0, ts, p, solver=\"dopri5\")` and `jax.grad` of `mean(ys**2)` w.r.t. "
+                   "`p`, called outside any `jax.jit` with the same `f` object each time, against the same "
+                   "functions under `jax.jit`. An eager `odesolve` runs a compiled solve from a cache "
+                   "(`equinox.filter_jit`) keyed on `f` and the non-array parts of `params` (by hash: a "
+                   "function by its identity), the shapes and dtypes of the arrays (`z0`, `ts`, `params`, "
+                   "the arrays of an Equinox-module `f`) and the static options; tolerances are traced. "
+                   "So a fresh `lambda` per call compiles again (*fresh lambda*). An eager `jax.grad` "
+                   "re-traces the loss and the solve's differentiation rules in Python at every call "
+                   "(JAX does not cache an un-jitted transformation); the compiled pieces are reused.\n")
+        rows = []
+        for wl, r in eager.items():
+            if failed(r):
+                rows.append([wl, "failed", failed(r), "", "", "", ""])
+                continue
+            rows_by = by_label(r.get("rows"))
+            for row in r.get("rows") or []:
+                what = row["label"].split(" ", 1)[1]
+                jit = rows_by.get(f"jit {what}")
+                rows.append([wl, row["label"], sec(row.get("first_s")), ms(row.get("second_s")),
+                             time_cell(row), num(ratio(med(row), med(jit))), ""])
+            rows.append([wl, "eager odesolve, fresh lambda", sec(r.get("fresh_lambda_s")), "", "", "",
+                         "compiles again"])
+        out.append(table(["workload", "call", "first call s", "second call ms", "steady ms (min–max)",
+                          "x jit", "note"], rows))
+    return "\n".join(out)
+
+
 def write(res: dict, path: str) -> None:
     cfg = res.get("config", {"batch": 256})
     lines = ["# jaxode benchmark results\n",
@@ -508,7 +673,8 @@ def write(res: dict, path: str) -> None:
         lines.append("\n### Misses: what the profile shows\n")
         lines.extend(f"* **{key}**: {CAUSES[key]}" for key in missed)
     lines.append("")
-    for sec_text in (section_adjoint(res, cfg), section_peers(res, cfg), section_overhead(res)):
+    for sec_text in (section_adjoint(res, cfg), section_peers(res, cfg), section_overhead(res),
+                     section_traps(res)):
         if sec_text:
             lines.append(sec_text)
             lines.append("")

@@ -1,6 +1,6 @@
 """jaxode's benchmark runner.
 
-    python benchmarks/run.py [--suite adjoint|peers|overhead|all] [--quick] [--repeats N]
+    python benchmarks/run.py [--suite adjoint|peers|overhead|traps|all] [--quick] [--repeats N]
                              [--out benchmarks/RESULTS.md]
     python benchmarks/run.py --render benchmarks/RESULTS.json   # re-write the report only
 
@@ -410,12 +410,197 @@ def task_overhead(spec: dict) -> dict:
     return {"workload": w.key, "f_eval": f_eval, "rows": rows, "device": jax_device()}
 
 
+def _grad_rel_diff(a, b) -> float:
+    """``|a - b| / |b|`` over all leaves of two gradient pytrees."""
+    import jax
+
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+              for x, y in zip(la, lb, strict=True))
+    den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in lb)
+    return float(np.sqrt(num / max(den, 1e-300)))
+
+
+def task_node(spec: dict) -> dict:
+    """The README's training pattern: a ``jaxode.nn.NeuralODE`` (``MLPField(2, width=64,
+    depth=2)``, tsit5, rtol 1e-3, atol 1e-4, 20 output times in [0, 1]) on a batch of 2-D
+    points, ``eqx.filter_value_and_grad`` of the MSE to ``z0 exp(-t)``: the batch under
+    ``eqx.filter_vmap(model)`` (default adjoint; and ``checkpoint``), with ``batched=True``,
+    as one state ``model(z0s)``, and diffrax's ``BacksolveAdjoint`` under ``jax.vmap`` (same
+    field, Tsit5, PIDController, same tolerances). Each gradient is compared with a one-state
+    ``checkpoint`` gradient at rtol = atol = 1e-6."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import peers as P
+
+    from jaxode.nn import MLPField, NeuralODE
+
+    batch = spec["batch"]
+    jax_backend_warmup()
+    field = MLPField(2, width=64, depth=2, key=jax.random.key(0))
+    ts = jnp.linspace(0.0, 1.0, 20)
+    z0s = jax.random.normal(jax.random.key(1), (batch, 2))
+    data = jnp.stack([z0s * jnp.exp(-t) for t in ts], axis=1)  # (B, 20, 2): z' = -z
+
+    def node(gradient="adjoint", batched=False, rtol=1e-3, atol=1e-4):
+        return NeuralODE(field, ts=ts, rtol=rtol, atol=atol, gradient=gradient, batched=batched)
+
+    patterns = {  # (B, 2) -> (B, 20, 2)
+        "vmap": lambda m, z: eqx.filter_vmap(m)(z),
+        "batched": lambda m, z: m(z),
+        "one state": lambda m, z: m(z).swapaxes(0, 1),
+    }
+
+    def grad_fn(model, pattern):
+        def loss(m):
+            return jnp.mean((patterns[pattern](m, z0s) - data) ** 2)
+
+        fn = eqx.filter_jit(eqx.filter_value_and_grad(loss))
+        return lambda: jax.block_until_ready(fn(model))
+
+    ref = grad_fn(node("checkpoint", rtol=1e-6, atol=1e-6), "one state")()[1]
+
+    def jaxode_case(gradient, pattern, batched=False):
+        call = grad_fn(node(gradient, batched), pattern)
+        method = f"NeuralODE {gradient} " + ("batched=True" if batched else pattern)
+        return P.Case("jaxode", method, call, lambda out: out)
+
+    def diffrax_case():
+        import diffrax
+
+        def solve(m, z):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(lambda t, y, f: f(y, t)), diffrax.Tsit5(), t0=ts[0], t1=ts[-1], dt0=None,
+                y0=z, args=m.field, saveat=diffrax.SaveAt(ts=ts),
+                stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-4), max_steps=P.MAX_STEPS,
+                adjoint=diffrax.BacksolveAdjoint())
+            return sol.ys
+
+        def loss(m):
+            return jnp.mean((jax.vmap(lambda z: solve(m, z))(z0s) - data) ** 2)
+
+        fn = eqx.filter_jit(eqx.filter_value_and_grad(loss))
+        return P.Case("diffrax", "Tsit5 BacksolveAdjoint vmap", lambda: jax.block_until_ready(fn(node())),
+                      lambda out: out)
+
+    def check(out):
+        loss, grads = out
+        finite = all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
+        return {"loss": float(loss), "grad_diff": _grad_rel_diff(grads, ref), "agrees": bool(finite)}
+
+    cases = [
+        ("adjoint one state", lambda: jaxode_case("adjoint", "one state")),
+        ("adjoint vmap", lambda: jaxode_case("adjoint", "vmap")),
+        ("adjoint batched=True", lambda: jaxode_case("adjoint", "batched", batched=True)),
+        ("checkpoint vmap", lambda: jaxode_case("checkpoint", "vmap")),
+    ]
+    if spec.get("quick"):  # the T4 pair only
+        cases = cases[:2]
+    elif P.available("diffrax"):
+        cases.append(("diffrax BacksolveAdjoint vmap", diffrax_case))
+    rows = _run_cases(cases, check, spec["repeats"], count=False)
+    return {"batch": batch, "rows": rows, "device": jax_device()}
+
+
+def task_backprop_steps(spec: dict) -> dict:
+    """mlp-batch, ``gradient="backprop"``: gradient time at several ``max_steps`` (the solve
+    takes the same steps at each), for the batch under ``jax.vmap`` and as one state. The
+    gradients at every ``max_steps`` must agree (the same computed solution)."""
+    import jax
+    import jax.numpy as jnp
+    import peers as P
+
+    batch = spec["batch"]
+    w = W.mlp_batch(batch)
+    z0, ts, params = P.jax_data(w)
+    tol = jnp.asarray(w.rtol, jnp.float32)
+    jax_backend_warmup()
+    rows, first_grads = [], {}
+    for pattern in ("vmap", "one state"):
+        for max_steps in spec["max_steps"]:
+            fn = P.jaxode_grad_fn(w.f, "dopri5", "backprop", vmap=pattern == "vmap", max_steps=max_steps)
+            call = lambda fn=fn: jax.block_until_ready(fn(params, z0, ts, tol, tol))
+            row = {"label": f"backprop {pattern} max_steps={max_steps}", "pattern": pattern,
+                   "max_steps": max_steps}
+            try:
+                t0 = now()
+                call()
+                row["first_s"] = now() - t0
+                stats, out = timed(call, spec["repeats"])
+                grads = out[1]
+                row.update(stats, loss=float(out[0][0]))
+                if not all(np.all(np.isfinite(np.asarray(g))) for g in grads):
+                    raise AssertionError("non-finite gradient")
+                base = first_grads.setdefault(pattern, grads)
+                row["grad_diff_vs_first"] = _grad_rel_diff(grads, base)
+                if row["grad_diff_vs_first"] > 1e-4:
+                    raise AssertionError(
+                        f"gradient differs across max_steps: {row['grad_diff_vs_first']:.2e}")
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+            rows.append(row)
+            print(f"  {row['label']}: {row.get('median_s', float('nan')) * 1e3:.1f} ms", file=sys.stderr,
+                  flush=True)
+    return {"batch": batch, "rows": rows, "device": jax_device()}
+
+
+def task_eager(spec: dict) -> dict:
+    """Eager ``odesolve`` and eager ``jax.grad`` (outside ``jax.jit``), repeated with the same
+    field object, against the same computation inside ``jax.jit``; and one eager call with a
+    fresh ``lambda`` (a cache miss: compiles again)."""
+    import jax
+    import jax.numpy as jnp
+    import peers as P
+
+    import jaxode
+
+    w = W.mlp_batch(spec["batch"]) if spec["workload"] == "mlp-batch" else W.get(spec["workload"])
+    z0, ts, params = P.jax_data(w)
+    jax_backend_warmup()
+
+    def solve(p, f=w.f):
+        return jaxode.odesolve(f, z0, ts, p, solver="dopri5", rtol=w.rtol, atol=w.atol, max_steps=P.MAX_STEPS)
+
+    def loss(p):
+        return jnp.mean(solve(p) ** 2)
+
+    fns = {"eager odesolve": solve, "jit odesolve": jax.jit(solve),
+           "eager jax.grad": jax.grad(loss), "jit jax.grad": jax.jit(jax.grad(loss))}
+    rows, outs = [], {}
+    for label, fn in fns.items():
+        call = lambda fn=fn: jax.block_until_ready(fn(params))
+        row = {"label": label}
+        t0 = now()
+        call()
+        row["first_s"] = now() - t0
+        t0 = now()
+        call()
+        row["second_s"] = now() - t0
+        stats, outs[label] = timed(call, spec["repeats"])
+        row.update(stats)
+        rows.append(row)
+        print(f"  {label}: second {row['second_s'] * 1e3:.2f} ms, steady {row['median_s'] * 1e3:.3f} ms",
+              file=sys.stderr, flush=True)
+    for a, b in (("eager odesolve", "jit odesolve"), ("eager jax.grad", "jit jax.grad")):
+        diff = _grad_rel_diff(outs[a], outs[b])
+        assert diff < 1e-5, f"{a} and {b} disagree: {diff:.2e}"
+    t0 = now()
+    jax.block_until_ready(solve(params, f=lambda z, t, p: w.f(z, t, p)))
+    fresh = now() - t0
+    return {"workload": w.key, "rows": rows, "fresh_lambda_s": fresh, "device": jax_device()}
+
+
 TASKS = {
     "forward": task_forward,
     "grad_peers": task_grad_peers,
     "adjoint_grid": task_adjoint_grid,
     "memory": task_memory,
     "overhead": task_overhead,
+    "node": task_node,
+    "backprop_steps": task_backprop_steps,
+    "eager": task_eager,
 }
 
 
@@ -486,6 +671,8 @@ def memory_cases(cfg: Config) -> list[dict]:
             cases.append({"library": "jaxode", "mode": "adjoint", "seminorm": True, "t1": t1})
         cases.append({"library": "jaxode", "mode": "backprop", "t1": t1})
         cases.append({"library": "jaxode", "mode": "checkpoint", "t1": t1})
+        if t1 == 1.0:  # first call only: reversible is inaccurate on this dissipative field
+            cases.append({"library": "jaxode", "mode": "reversible", "t1": t1})
         if P.available("diffrax") and not cfg.quick:
             cases += [{"library": "diffrax", "mode": "backsolve", "t1": t1},
                       {"library": "diffrax", "mode": "recursive", "t1": t1}]
@@ -522,6 +709,25 @@ def suite_gradients(cfg: Config) -> dict:
     if cfg.quick:  # one tableau, no diffrax vmap (its compile alone takes ~25 s)
         spec.update(solvers=["dopri5"], diffrax_vmap=False)
     return spawn(spec)
+
+
+def suite_traps(cfg: Config) -> dict:
+    """Issue 12's speed traps: the README's NeuralODE + ``eqx.filter_vmap`` pattern (adjoint
+    under vmap vs one state), vmapped ``backprop`` at several ``max_steps``, eager calls vs
+    jitted ones."""
+    out = {}
+    log("traps suite: NeuralODE + eqx.filter_vmap (README pattern), batch 128")
+    out["node"] = spawn({"task": "node", "batch": 128, "repeats": cfg.repeats, "quick": cfg.quick})
+    max_steps = [256, 1024] if cfg.quick else [256, 1024, 4096]
+    log(f"traps suite: vmapped backprop gradient at max_steps {max_steps}")
+    out["backprop_steps"] = spawn({"task": "backprop_steps", "batch": 16 if cfg.quick else 128,
+                                   "repeats": min(cfg.repeats, 3), "max_steps": max_steps})
+    out["eager"] = {}
+    for name, x64 in (("spiral", True),) + ((("mlp-batch", False),) if not cfg.quick else ()):
+        log(f"traps suite: eager vs jitted calls, {name}")
+        out["eager"][name] = spawn({"task": "eager", "workload": name, "batch": cfg.batch,
+                                    "repeats": cfg.repeats}, x64=x64)
+    return out
 
 
 def suite_overhead(cfg: Config) -> dict:
@@ -581,7 +787,7 @@ def machine_info() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=("adjoint", "peers", "overhead", "all"), default="all")
+    ap.add_argument("--suite", choices=("adjoint", "peers", "overhead", "traps", "all"), default="all")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: 1 repeat, batch 64, fewer cases")
     ap.add_argument("--repeats", type=int, default=None, help="timed samples per case (default 5; quick 1)")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
@@ -629,6 +835,8 @@ def main(argv=None) -> int:
         results["adjoint"] = suite_adjoint(cfg)
     if args.suite in ("overhead", "all"):
         results["overhead"] = suite_overhead(cfg)
+    if args.suite in ("traps", "all"):
+        results["traps"] = suite_traps(cfg)
     results["wall_s"] = now() - t0
     results["machine"]["loadavg_end"] = os.getloadavg()
     stem = os.path.splitext(args.out)[0]
