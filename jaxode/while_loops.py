@@ -18,8 +18,8 @@ the vector field's own intermediates):
   ``B - 1`` skipped iterations (the loop's predicate and a branch each; before the groups, the
   ``max_steps / B`` skipped blocks of a short solve cost more than its steps);
 * reverse: the ``ceil(N / B)`` blocks that ran are recomputed once (``N`` more bodies) and
-  transposed, with at most ``B - 1`` skipped iterations in the last one; skipped blocks cost
-  nothing;
+  transposed, with at most ``B - 1`` skipped iterations in the last one; a skipped block
+  costs no body, only its stored input and a branch;
 * memory: the block inputs, ``(max_steps / B) · S``, plus the residuals of one block, ``B · R``
   — independent of ``N``. ``B = sqrt(max_steps · S / R)`` minimises it, ``2 sqrt(max_steps · S · R)``;
   the loop passes ``B = ceil(sqrt(max_steps / s))``, i.e. ``O(sqrt(max_steps · s) · S)`` memory.
@@ -27,8 +27,11 @@ the vector field's own intermediates):
 Under ``jax.vmap`` a batched predicate would turn ``lax.cond`` into a select that runs both
 branches, and every block would run; so a block is skipped when the loop has finished for
 every element of the batch (``max_in_batch``), and inside a block that runs, the iterations of
-finished elements are masked, and those after every element has finished skipped. The cost
-then grows with the most steps any element takes, not with ``max_steps``.
+finished elements are masked, and those after every element has finished skipped. The bodies
+run then follow the most steps any element takes, not ``max_steps``; but, with or without
+``jax.vmap``, every block and iteration the scans skip still stores its (zero) residuals and
+the reverse pass reads them back, so the gradient's time grows with ``max_steps`` too, if more
+slowly (``benchmarks/RESULTS.md``, T7: 1.7-1.9x from 256 to 4096 on mlp-batch).
 
 **custom_vjp_while** (reverse mode only) computes the same derivative with a ``jax.custom_vjp``
 around a plain ``lax.while_loop``, whose cost does not depend on ``max_steps``:
