@@ -140,8 +140,9 @@ def _mark_event(old: LoopState, new: LoopState, taken, marks: EventMarks) -> tup
     which = ev.which[jnp.minimum(old.event.count, ev.which.shape[0] - 1)] if ev.which is not None else 0
     which = jnp.where(ev.stopped, ev.index, which)
     put = lambda buf, v: buf.at[j].set(jnp.where(fired, v, buf[j]))
-    marks = EventMarks(put(marks.step, old.num_accepted), put(marks.end, taken.t_new), put(marks.time, new.t),
-                       put(marks.which, which), put(marks.y, taken.y_new), put(marks.yhat, new.method_state[0]))
+    marks = EventMarks(put(marks.step, old.num_accepted), put(marks.end, taken.t_new),
+                       put(marks.time, new.t), put(marks.which, which), put(marks.y, taken.y_new),
+                       put(marks.yhat, new.method_state[0]))
     reset = fired & ~ev.stopped
     return new._replace(method_state=(jnp.where(reset, new.y, new.method_state[0]),)), marks
 
@@ -245,12 +246,13 @@ def backward(method: Reversible, field: FlatField, record: Record, ts, diff, non
         primals = (y, yhat, ks, y1, f1, diff, t, t_new, s_ts)
         has_outputs = jnp.any((s_ts > t) & (s_ts <= t_new))
         zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, primals)
-        plain = lambda: lax.cond(has_outputs, lambda: jax.vjp(outputs, *primals)[1](jnp.ones((), dtype)), zeros)
+        one = jnp.ones((), dtype)
+        plain = lambda: lax.cond(has_outputs, lambda: jax.vjp(outputs, *primals)[1](one), zeros)
         if marks is None:
             ct_out = plain()
         else:
             event_fn = at_event(marks.which[j], marks.time[j], ct_plus, ct_star)
-            ct_out = lax.cond(is_event, lambda: jax.vjp(event_fn, *primals)[1](jnp.ones((), dtype)), plain)
+            ct_out = lax.cond(is_event, lambda: jax.vjp(event_fn, *primals)[1](one), plain)
         o_y, o_yhat, o_ks, o_y1, o_f1, o_diff, o_t, o_tnew, o_sts = ct_out
         extra_y1, b_diff, b_t, b_tnew = vjp_back((-ct_yhat1, o_f1))
         ct_a = ct_y1 + o_y1 + extra_y1  # the cotangent of y_{n+1}, hence of a
@@ -300,7 +302,8 @@ def _one_problem(field: FlatField, method: Reversible, cfg: Config):
         state, times, marks = forward(method, field, y0, ts, diff, nondiff, controls, cfg)
         out = (state.ys, info_of(state, _direction(ts)), state.h)
         count = None if marks is None else state.event.count
-        return out, Record(state.y, state.method_state[0], times, state.num_accepted, marks, count), state.status
+        record = Record(state.y, state.method_state[0], times, state.num_accepted, marks, count)
+        return out, record, state.status
 
     @jax.custom_vjp
     def solve(y0, ts, diff, nondiff, controls):
