@@ -229,8 +229,8 @@ def odesolve(
             conditions of the solution, located on the dense output; a terminal event stops the
             solve there (later outputs NaN, status 0), a non-terminal one may update the state
             and the solve goes on (see ``jaxode.events``). ``info.event_time``,
-            ``event_state``, ``event_index`` and ``num_events`` report them; all three gradient
-            modes differentiate through them.
+            ``event_state``, ``event_index`` and ``num_events`` report them; every gradient
+            mode differentiates through them.
 
     Returns:
         ``ys``, with the structure of ``z0`` and each leaf given a leading axis of length

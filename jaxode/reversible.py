@@ -20,6 +20,25 @@ held fixed (as ``"backprop"`` and ``"checkpoint"`` take it): a step's start time
 ``ts[0]``, or with the output time its previous step was clipped to land on (every output of a
 fixed-step grid, the last one of an adaptive solve), and moves its later steps with it.
 
+Events (``jaxode.events``; detection and location as in every mode, on the reversible step's
+dense output). An event truncates its step ``n`` at ``s* = t_n + θ* h_n``: the forward pass
+keeps, for each event that fired, the step's untruncated end ``(y_{n+1}, ŷ_{n+1})`` and its end
+time, ``s*`` and which event it was (``EventMarks``). A terminal event ends the solve there
+(``z(s*)`` the dense output, later outputs NaN). After a non-terminal one the solve goes on
+from ``z⁺ = u(z(s*), s*)`` (``u`` the update, or the identity) and the scheme restarts as at
+``t_0``, ``ŷ = y⁺``: an update is not invertible in general, and the pair after it does not
+determine the one before, hence the record. The reverse pass reconstructs the steps between
+events as above; at an event step it starts from the recorded end, and differentiates the
+step's map to its outputs up to ``s*``, to ``s*`` and to ``z⁺`` (whose cotangent is the sum of
+those of ``y⁺`` and ``ŷ⁺``; at a terminal event, those of ``info.event_state`` and
+``event_time``). ``θ*`` is differentiated by the implicit function theorem on the step's dense
+output (``events.root``'s rule, as the ``"backprop"`` mode does), and the update by its
+``vjp``: the discrete counterpart of the adjoint's jump condition (``jaxode.event_adjoint``),
+exact for the computed solution. Memory: with terminal events only, one recorded step; with
+non-terminal ones the record has ``max_steps`` slots (each event ends a step) of ``2n + 4``
+numbers, written only at events. Step sizes held fixed: the steps after an event start at
+``s*`` and move with it.
+
 Reverse mode only (``jax.jvp`` raises JAX's custom_vjp error). Under ``jax.vmap`` and with
 ``batched=True`` each problem replays its own steps; the parameter cotangents are summed over
 the batch by ``jax.vmap``'s rule for the unbatched inputs of a ``custom_vjp``. A reconstruction
@@ -94,7 +113,14 @@ def _names_the_event(cfg: Config) -> bool:
 
 
 def forward(method: Reversible, field: FlatField, y0, ts, diff, nondiff, controls: Controls,
-            cfg: Config) -> tuple[LoopState, Array, EventMarks | None]:
+            cfg: Config) -> tuple[LoopState, Array]:
+    """The solve, recording every accepted step's start time: ``(finished state, times)``
+    (with events, ``forward_marked`` also returns their record)."""
+    return forward_marked(method, field, y0, ts, diff, nondiff, controls, cfg)[:2]
+
+
+def forward_marked(method: Reversible, field: FlatField, y0, ts, diff, nondiff, controls: Controls,
+                   cfg: Config) -> tuple[LoopState, Array, EventMarks | None]:
     """The solve, recording every accepted step's start time, and with events the steps in which
     one fired: ``(finished state, times, marks)``. After an event that does not stop the
     solve the scheme restarts from the state it leaves, ``ŷ = y⁺`` (as at ``t_0``)."""
@@ -299,7 +325,7 @@ def _one_problem(field: FlatField, method: Reversible, cfg: Config):
     """The custom_vjp solve of one problem: ``(y0, ts, diff, nondiff, controls) -> (ys, info, h)``."""
 
     def run(y0, ts, diff, nondiff, controls):
-        state, times, marks = forward(method, field, y0, ts, diff, nondiff, controls, cfg)
+        state, times, marks = forward_marked(method, field, y0, ts, diff, nondiff, controls, cfg)
         out = (state.ys, info_of(state, _direction(ts)), state.h)
         count = None if marks is None else state.event.count
         record = Record(state.y, state.method_state[0], times, state.num_accepted, marks, count)
