@@ -7,6 +7,7 @@ batched=True."""
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -296,3 +297,25 @@ def test_memory_with_a_terminal_event_does_not_grow_with_the_steps():
     max_steps slots of 2n numbers: measured 8210 bytes per step here.)"""
     assert _temp_bytes(1.0, 256) == _temp_bytes(64.0, 256)
     assert _temp_bytes(1.0, 4096) - _temp_bytes(1.0, 256) <= 2 * 4 * (4096 - 256)
+
+
+def test_event_parameters_held_by_an_equinox_condition():
+    """A condition that holds its own array (closure-converted, differentiated like params)."""
+
+    class Threshold(eqx.Module):
+        level: jax.Array
+
+        def __call__(self, z, t, p):
+            return z[0] - self.level
+
+    @jax.jit
+    def t_star(level):
+        p = {"g": jnp.array(G), "k": jnp.array(0.0)}
+        _, info = jaxode.odesolve(ball, jnp.array([H0, 0.0, 0.0]), jnp.array([0.0, 3.0]), p,
+                                  events=jaxode.Event(Threshold(level)), gradient="reversible",
+                                  full_output=True, **ADAPTIVE)
+        return info.event_time
+
+    np.testing.assert_allclose(t_star(jnp.array(2.0)), np.sqrt(2 * (H0 - 2.0) / G), rtol=1e-10)
+    exact = jax.grad(lambda lv: jnp.sqrt(2 * (H0 - lv) / G))(2.0)
+    np.testing.assert_allclose(jax.grad(t_star)(jnp.array(2.0)), exact, rtol=1e-7)
