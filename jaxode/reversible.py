@@ -36,7 +36,8 @@ output (``events.root``'s rule, as the ``"backprop"`` mode does), and the update
 ``vjp``: the discrete counterpart of the adjoint's jump condition (``jaxode.event_adjoint``),
 exact for the computed solution. Memory: with terminal events only, one recorded step; with
 non-terminal ones the record has ``max_steps`` slots (each event ends a step) of ``2n + 4``
-numbers, written only at events. Step sizes held fixed: the steps after an event start at
+numbers, written only at events (and with several events, some not terminal, the loop's own
+record of which one fired adds ``max_steps × (n + 2)``: ``events.LoopEvents.record``). Step sizes held fixed: the steps after an event start at
 ``s*`` and move with it.
 
 Reverse mode only (``jax.jvp`` raises JAX's custom_vjp error). Under ``jax.vmap`` and with
