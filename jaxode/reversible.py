@@ -36,8 +36,7 @@ output (``events.root``'s rule, as the ``"backprop"`` mode does), and the update
 ``vjp``: the discrete counterpart of the adjoint's jump condition (``jaxode.event_adjoint``),
 exact for the computed solution. Memory: with terminal events only, one recorded step; with
 non-terminal ones the record has ``max_steps`` slots (each event ends a step) of ``2n + 4``
-numbers, written only at events (and with several events, some not terminal, the loop's own
-record of which one fired adds ``max_steps × (n + 2)``: ``events.LoopEvents.record``). Step sizes held fixed: the steps after an event start at
+numbers, written only at events. Step sizes held fixed: the steps after an event start at
 ``s*`` and move with it.
 
 Reverse mode only (``jax.jvp`` raises JAX's custom_vjp error). Under ``jax.vmap`` and with
@@ -127,8 +126,8 @@ def forward_marked(method: Reversible, field: FlatField, y0, ts, diff, nondiff, 
     solve the scheme restarts from the state it leaves, ``ŷ = y⁺`` (as at ``t_0``)."""
     events = None
     if cfg.events is not None:
-        named = _names_the_event(cfg)
-        events = cfg.events.for_loop((diff, nondiff), record=named, buffer=_event_slots(cfg) if named else 1)
+        # the loop's own record, of one slot: which event the last reset was
+        events = cfg.events.for_loop((diff, nondiff), record=_names_the_event(cfg), buffer=1)
     loop = Loop(
         lambda y, t: field(y, t, diff, nondiff), y0, ts, controls.rtol, controls.atol, controls.dt0,
         method=method, max_steps=cfg.max_steps, max_dt=controls.max_dt, progress=cfg.progress,
@@ -162,9 +161,9 @@ def _mark_event(old: LoopState, new: LoopState, taken, marks: EventMarks) -> tup
     """Records the step from ``old`` to ``new`` if an event fired in it (``taken``: the attempt
     before the truncation), and restarts the scheme after a reset: ``ŷ = y⁺``."""
     fired = new.event.count > old.event.count
-    j = jnp.minimum(old.event.count, marks.step.shape[0] - 1)  # the loop's own slot (events.after_step)
+    j = jnp.minimum(old.event.count, marks.step.shape[0] - 1)
     ev = new.event
-    which = ev.which[jnp.minimum(old.event.count, ev.which.shape[0] - 1)] if ev.which is not None else 0
+    which = ev.which[0] if ev.which is not None else 0  # the loop's one slot holds the last reset
     which = jnp.where(ev.stopped, ev.index, which)
     put = lambda buf, v: buf.at[j].set(jnp.where(fired, v, buf[j]))
     marks = EventMarks(put(marks.step, old.num_accepted), put(marks.end, taken.t_new),
