@@ -245,7 +245,8 @@ def test_vmap_and_batched_equal_a_loop():
         assert relative_error(got, expected) <= 1e-10, fn.__name__
 
 
-@pytest.mark.parametrize("event", [GROUND, BOUNCE], ids=["falling", "bouncing"])
+@pytest.mark.parametrize("event", [pytest.param(GROUND, id="falling", marks=pytest.mark.slow),
+                                   pytest.param(BOUNCE, id="bouncing")])
 def test_gradient_backwards_in_time(event):
     """Decreasing ts (the ball's past: it hits the ground at t ~ -1.17), adaptive: the
     conditions and the update see real time; gradients against differences."""
@@ -300,6 +301,7 @@ def test_memory_with_a_terminal_event_does_not_grow_with_the_steps():
     assert _temp_bytes(1.0, 4096) - _temp_bytes(1.0, 256) <= 2 * 4 * (4096 - 256)
 
 
+@pytest.mark.slow  # the closure conversion is the events module's, shared by every mode
 def test_event_parameters_held_by_an_equinox_condition():
     """A condition that holds its own array (closure-converted, differentiated like params)."""
 
