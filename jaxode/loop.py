@@ -396,11 +396,14 @@ class Loop:
         nfe = state.nfe + needed.astype(jnp.int32) * self.method.interpolant_nfe
         return state._replace(nfe=nfe), coeffs
 
-    def step(self, state: LoopState) -> tuple[LoopState, StepRecord]:
-        """One step attempt, and the outputs (and dense steps) it reaches."""
+    def step(self, state: LoopState, with_attempt: bool = False):
+        """One step attempt, and the outputs (and dense steps) it reaches: ``(new state,
+        StepRecord)``; ``with_attempt``: also the ``Attempt`` as the method took it (before an
+        event truncated it)."""
         i, int_ = state.i_out, jnp.int32
         if self.stop_at_outputs:
             new, at = self.attempt(state, self.s_ts[i])
+            taken = at
             if self.events is not None or self.save_dense:
                 new, coeffs = self.lazy_coefficients(new, at, at.accept)
             if self.events is not None:  # the step truncated at an event
@@ -415,8 +418,9 @@ class Loop:
             new = new._replace(ys=ys, i_out=i + arrived.astype(int_))
             if self.save_dense:
                 new = new._replace(dense=self._write_dense(state, new, at, coeffs))
-            return new, at.record
+            return (new, at.record, taken) if with_attempt else (new, at.record)
         new, at = self.attempt(state, self.s_ts[-1])
+        taken = at
         in_step = at.accept & (self.s_ts[jnp.minimum(i, self.num_out - 1)] <= at.t_new)
         needed = at.accept if (self.save_dense or self.events is not None) else in_step
         new, coeffs = self.lazy_coefficients(new, at, needed)
@@ -430,7 +434,8 @@ class Loop:
             ys, i_out = write(new.ys, i, self.s_ts, at.accept, at, coeffs, self.method)
         if self.save_dense:
             new = new._replace(dense=self._write_dense(state, new, at, coeffs))
-        return new._replace(ys=ys, i_out=i_out), at.record
+        new = new._replace(ys=ys, i_out=i_out)
+        return (new, at.record, taken) if with_attempt else (new, at.record)
 
     def _empty_dense(self) -> DenseSteps | None:
         if not self.save_dense:

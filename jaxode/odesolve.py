@@ -229,8 +229,8 @@ def odesolve(
             conditions of the solution, located on the dense output; a terminal event stops the
             solve there (later outputs NaN, status 0), a non-terminal one may update the state
             and the solve goes on (see ``jaxode.events``). ``info.event_time``,
-            ``event_state``, ``event_index`` and ``num_events`` report them; all three gradient
-            modes differentiate through them.
+            ``event_state``, ``event_index`` and ``num_events`` report them; every gradient
+            mode differentiates through them.
 
     Returns:
         ``ys``, with the structure of ``z0`` and each leaf given a leading axis of length
@@ -349,10 +349,6 @@ def _with_events(f, z0, params, pb: _Problem, cfg: Config, gradient: str):
     ``events.attach``); the adjoint mode's is ``event_adjoint.solve``."""
     from . import event_adjoint
 
-    if gradient not in ("adjoint", "backprop", "checkpoint"):
-        raise NotImplementedError(
-            f"events are supported with gradient='adjoint', 'backprop' or 'checkpoint', not {gradient!r}"
-        )
     z_one = jax.tree_util.tree_map(lambda x: x[0], z0) if cfg.batched else z0
     y_one = pb.y0[0] if cfg.batched else pb.y0
     ravel = lambda tree: ravel_pytree(_real_view(tree))[0]

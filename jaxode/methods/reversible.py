@@ -101,7 +101,9 @@ def reversed_field(field: Field) -> Field:
 @dataclasses.dataclass(frozen=True)
 class Reversible(Method):
     """The reversible two-state form of the explicit method ``base`` with coupling ``λ``
-    (see the module docstring). The method state is ``(ŷ,)``; the loop's ``y`` is ``y``."""
+    (see the module docstring). The method state is ``(ŷ,)``; the loop's ``y`` is ``y``. After
+    an event that restarts the solve, ``gradient="reversible"`` restarts the pair as at ``t_0``,
+    ``ŷ = y⁺`` (``jaxode.reversible``)."""
 
     base: ExplicitRK
     coupling: float = 0.999
