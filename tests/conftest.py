@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
@@ -12,12 +11,6 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from scipy.integrate import solve_ivp  # noqa: E402
-
-# Most of the suite's time is XLA compiling hundreds of small programs, whose solves take
-# microseconds: XLA's backend optimisations (LLVM -O2) cost more than they save, so they are off
-# (the same IEEE arithmetic, less optimised code). JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns them on.
-if "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
-    jax.config.update("jax_disable_most_optimizations", True)
 
 FIXED_SOLVERS = ("euler", "midpoint", "heun", "rk4")
 ADAPTIVE_SOLVERS = ("bosh3", "dopri5", "tsit5", "dopri8")
