@@ -3,6 +3,8 @@ the backprop mode; its backward solve's bookkeeping, error control and failures.
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ import jaxode
 MODES = ("adjoint", "backprop")
 
 
+@functools.cache  # one compiled loss (and gradient) per mode, whatever the direction of ts
 def loss_fn(mode, **options):
     opts = dict(TOL, gradient=mode, **options)
 
@@ -37,12 +40,17 @@ def loss_fn(mode, **options):
     return loss
 
 
+@functools.cache
+def _loss_grad(mode):
+    return jax.jit(jax.grad(loss_fn(mode), argnums=(0, 1, 2)))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("decreasing", [False, True], ids=["increasing", "decreasing"])
 def test_gradients_match_finite_differences(mode, decreasing):
     ts = TS[::-1] if decreasing else TS
     loss = loss_fn(mode)
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(Z0, ts, PARAMS)
+    grads = _loss_grad(mode)(Z0, ts, PARAMS)
     fd = (
         central_difference(lambda z: loss(z, ts, PARAMS), Z0),
         central_difference(lambda t: loss(Z0, t, PARAMS), ts),
@@ -115,14 +123,14 @@ def test_adjoint_converges_to_backprop(solver):
     """As the tolerance tightens, the continuous adjoint approaches the discrete gradient: their
     difference is of the order of the tolerance, and shrinks with it."""
     errors, tols = [], (1e-4, 1e-7, 1e-10)
+    grad_fns = {}  # the tolerance is a traced argument: one compiled gradient per mode
+    for mode in MODES:
+        loss = lambda p, tol, mode=mode: weighted_loss(
+            jaxode.odesolve(forced_oscillator, Z0, TS, p, gradient=mode, solver=solver, rtol=tol, atol=tol)
+        )
+        grad_fns[mode] = jax.jit(jax.grad(loss))
     for tol in tols:
-        opts = dict(solver=solver, rtol=tol, atol=tol)
-        grads = {}
-        for mode in MODES:
-            loss = lambda p, mode=mode: weighted_loss(
-                jaxode.odesolve(forced_oscillator, Z0, TS, p, gradient=mode, **opts)
-            )
-            grads[mode] = jax.jit(jax.grad(loss))(PARAMS)
+        grads = {mode: grad_fns[mode](PARAMS, jnp.float64(tol)) for mode in MODES}
         errors.append(relative_error(grads["adjoint"], grads["backprop"]))
     assert errors[-1] < 1e-6
     assert errors[0] > 1e-6  # two different computations (optimise-then-discretise vs the exact one)
@@ -133,10 +141,11 @@ def test_adjoint_converges_to_backprop(solver):
 def test_cotangent_added_at_every_output_time():
     """A loss on one interior output only: the cotangents at other times are zero, and the
     gradient must still be right (checks the jump bookkeeping at each ts[i])."""
+    loss = jax.jit(lambda z0, p, i: jaxode.odesolve(forced_oscillator, z0, TS, p, **TOL)[i, 0])
+    grad = jax.jit(jax.grad(loss))  # i traced: one program for every output time
     for i in range(1, len(TS)):
-        loss = jax.jit(lambda z0, p, i=i: jaxode.odesolve(forced_oscillator, z0, TS, p, **TOL)[i, 0])
-        g = jax.grad(loss)(Z0, PARAMS)
-        np.testing.assert_allclose(g, central_difference(lambda z: loss(z, PARAMS), Z0), rtol=1e-6)
+        g = grad(Z0, PARAMS, i)
+        np.testing.assert_allclose(g, central_difference(lambda z: loss(z, PARAMS, i), Z0), rtol=1e-6)
 
 
 def test_pytree_state_and_float32():

@@ -277,8 +277,11 @@ def _child() -> dict:  # noqa: C901 - one long script of checks, each recorded i
 
 @pytest.fixture(scope="module")
 def results():
+    import jax  # the child compiles like this process (tests/conftest.py: backend optimisations)
+
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-               JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
+               JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu",
+               JAX_DISABLE_MOST_OPTIMIZATIONS=str(int(jax.config.read("jax_disable_most_optimizations"))))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
