@@ -111,6 +111,17 @@ SLOW_BUDGET = {  # the default suite reached 9 min 48 s on a clean clone: costly
     # its [rodas5p] case
     "tests/test_interpolated_adjoint.py::test_stiff_method_adjoint_is_the_interpolating_one[kvaerno5]",
 }
+_REV = "tests/test_reversible_events.py::"
+SLOW_REVERSIBLE_EVENTS = {  # each property keeps a default case: the terminal event adaptive, the
+    # updates fixed-step (finite differences); closed forms fixed-step; memory: test_reversible.py's
+    # flat memory without events
+    *(f"{_REV}test_gradient_is_derivative_of_the_reversible_solve[{case}-{wrt}]"
+      for case in ("falling-fixed", "bouncing-adaptive") for wrt in ("z0", "ts", "params")),
+    f"{_REV}test_falling_ball_impact_time_state_and_derivatives[adaptive]",
+    f"{_REV}test_bouncing_ball_heights_bounce_times_and_gradients[adaptive]",
+    f"{_REV}test_memory_with_a_terminal_event_does_not_grow_with_the_steps",
+    f"{_REV}test_events_fire_as_intended",
+}
 SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run also pins down
     "tests/test_adjoint.py::test_seminorm_saves_backward_steps_at_equal_accuracy",
     "tests/test_adjoint.py::test_vmap_of_gradient_equals_loop",
@@ -125,6 +136,6 @@ SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run a
 def pytest_collection_modifyitems(config, items):
     for item in items:
         base = item.nodeid.split("[")[0]
-        slow_case = item.nodeid in SLOW_CASES or item.nodeid in SLOW_BUDGET
+        slow_case = any(item.nodeid in cases for cases in (SLOW_CASES, SLOW_BUDGET, SLOW_REVERSIBLE_EVENTS))
         if slow_case or base in SLOW_TESTS or base in SLOW_TESTS_EVENTS:
             item.add_marker(pytest.mark.slow)
