@@ -33,6 +33,8 @@ TOL = 1e-6
 
 
 def _load_example():
+    if str(EXAMPLE.parent) not in sys.path:
+        sys.path.append(str(EXAMPLE.parent))  # the example imports its sibling ``_common``
     spec = importlib.util.spec_from_file_location("data_parallel_example", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
