@@ -121,6 +121,17 @@ SLOW_REVERSIBLE_EVENTS = {  # each property keeps a default case: the terminal e
     f"{_REV}test_bouncing_ball_heights_bounce_times_and_gradients[adaptive]",
     f"{_REV}test_memory_with_a_terminal_event_does_not_grow_with_the_steps",
     f"{_REV}test_events_fire_as_intended",
+    f"{_REV}test_gradient_backwards_in_time[bouncing]",  # test_reversible.py's backwards test stays
+}
+SLOW_BUDGET_2 = {  # the clean-clone default run reached ~10 min with this session's tests
+    # its [adjoint] and [backprop] cases; test_gradients_match_finite_differences[checkpoint]
+    "tests/test_events.py::test_bouncing_ball_heights_bounce_times_and_gradients[checkpoint]",
+    # its [adjoint] case; test_gradients_match_finite_differences[backprop]
+    "tests/test_events.py::test_falling_ball_impact_time_and_its_derivatives[backprop]",
+    # test_events.py::test_falling_ball_forward_mode_and_second_derivatives (backprop, both orders)
+    "tests/test_checkpointed_while_cost.py::test_backprop_forward_mode_and_second_derivatives_still_exact",
+    # its [decreasing-adjoint] and [increasing-backprop] cases
+    "tests/test_adjoint.py::test_gradients_match_finite_differences[decreasing-backprop]",
 }
 SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run also pins down
     "tests/test_adjoint.py::test_seminorm_saves_backward_steps_at_equal_accuracy",
@@ -136,6 +147,7 @@ SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run a
 def pytest_collection_modifyitems(config, items):
     for item in items:
         base = item.nodeid.split("[")[0]
-        slow_case = any(item.nodeid in cases for cases in (SLOW_CASES, SLOW_BUDGET, SLOW_REVERSIBLE_EVENTS))
+        cases = (SLOW_CASES, SLOW_BUDGET, SLOW_BUDGET_2, SLOW_REVERSIBLE_EVENTS)
+        slow_case = any(item.nodeid in ids for ids in cases)
         if slow_case or base in SLOW_TESTS or base in SLOW_TESTS_EVENTS:
             item.add_marker(pytest.mark.slow)
