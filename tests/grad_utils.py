@@ -73,3 +73,19 @@ def random_like(tree, key):
     keys = jax.random.split(key, len(leaves))
     draws = [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
     return treedef.unflatten(draws)
+
+
+def impact_exact(h, g):
+    """The falling ball's impact time and velocity, from rest at height ``h``."""
+    t = jnp.sqrt(2 * h / g)
+    return t, -g * t
+
+
+def bouncing_exact(h, g, e, t, bounces: int):
+    """Height, and time of the last bounce, at ``t`` after ``bounces >= 1`` bounces of a ball
+    dropped from rest at ``h`` (each bounce takes ``2 e^k v1 / g``: a geometric series in ``e``)."""
+    t1 = jnp.sqrt(2 * h / g)
+    v1 = g * t1
+    tk = t1 + sum(2 * e**j * v1 / g for j in range(1, bounces))
+    s = t - tk
+    return e**bounces * v1 * s - g * s**2 / 2, tk

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from grad_utils import central_difference, forced_oscillator, relative_error
+from grad_utils import bouncing_exact, central_difference, forced_oscillator, impact_exact, relative_error
 
 import jaxode
 
@@ -97,21 +97,6 @@ def test_events_fire_as_intended():
 
 
 # ---- closed forms (no drag, ground at 0) ---------------------------------------------------------------
-
-
-def impact_exact(h, g):
-    """The falling ball's impact time and velocity, from rest at height ``h``."""
-    t = jnp.sqrt(2 * h / g)
-    return t, -g * t
-
-
-def bouncing_exact(h, g, e, t, bounces: int):
-    """Height, and time of the last bounce, at ``t`` after ``bounces >= 1`` bounces."""
-    t1 = jnp.sqrt(2 * h / g)
-    v1 = g * t1
-    tk = t1 + sum(2 * e**j * v1 / g for j in range(1, bounces))
-    s = t - tk
-    return e**bounces * v1 * s - g * s**2 / 2, tk
 
 
 @pytest.fixture(scope="module")
