@@ -132,6 +132,16 @@ SLOW_BUDGET_2 = {  # the clean-clone default run reached ~10 min with this sessi
     "tests/test_checkpointed_while_cost.py::test_backprop_forward_mode_and_second_derivatives_still_exact",
     # its [decreasing-adjoint] and [increasing-backprop] cases
     "tests/test_adjoint.py::test_gradients_match_finite_differences[decreasing-backprop]",
+    # its [backprop] and [checkpoint] cases; the closed-form [adjoint] tests of both balls
+    "tests/test_events.py::test_gradients_match_finite_differences[adjoint]",
+    # test_esdirk.py::test_newton_failure_rejects_the_step (both methods)
+    "tests/test_esdirk.py::test_huge_first_step_is_rejected_and_the_solve_recovers[kvaerno3]",
+    # test_batched.py::test_mixed_precision_parameters, test_odesolve's pytree states
+    "tests/test_adjoint.py::test_pytree_state_and_float32",
+    # test_nn.py (NeuralODE and MLPField in every mode)
+    "tests/test_adjoint.py::test_equinox_mlp_as_params_and_as_field",
+    # test_reversible.py's vmap and batched tests; test_events.py's vmap test (other modes)
+    "tests/test_reversible_events.py::test_vmap_and_batched_equal_a_loop",
 }
 SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run also pins down
     "tests/test_adjoint.py::test_seminorm_saves_backward_steps_at_equal_accuracy",
