@@ -148,8 +148,8 @@ def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys,
     ct_ys = jnp.where(jnp.isfinite(ys), ct_ys, 0).astype(ys.dtype)  # outputs not reached
 
     f_at = lambda z, t, th: field(z.astype(ys.dtype), t, unravel(th), nondiff)
-    cond_at = lambda k, z, t, th: _values(flat, z.astype(ys.dtype), t, (unravel(th), nondiff))[k]
-    upd_at = lambda k, z, t, th: _update(flat, k, z.astype(ys.dtype), t, (unravel(th), nondiff))
+    cond_at = lambda k, z, t, th: flat.for_loop((unravel(th), nondiff)).values(z.astype(ys.dtype), t)[k]
+    upd_at = lambda k, z, t, th: flat.for_loop((unravel(th), nondiff)).update(k, z.astype(ys.dtype), t)
 
     # the outputs reached, and the grid of the backward solve (unreached ones at τ, no cotangent)
     direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(ts.dtype)
@@ -238,15 +238,3 @@ def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys,
     y = state.y
     a0 = y[n : 2 * n]
     return a0.astype(ys.dtype), time_cotangents(a0), unravel(y[2 * n : 2 * n + p]), state.status
-
-
-def _values(flat, y, t, args):
-    dtype = jnp.promote_types(y.dtype, jnp.float32)
-    return jnp.stack([jnp.asarray(c(y, t, args)).astype(dtype) for c in flat.conditions])
-
-
-def _update(flat, k, y, t, args):
-    branches = [
-        (lambda y, t, u=u: u(y, t, args)) if u is not None else (lambda y, t: y) for u in flat.updates
-    ]
-    return branches[0](y, t) if len(branches) == 1 else lax.switch(k, branches, y, t)

@@ -247,7 +247,7 @@ def backward(method: Reversible, field: FlatField, record: Record, ts, diff, non
             s_out = s_lin + lax.stop_gradient(s_star - s_lin)  # the forward's s* exactly
             y_lin = method.interpolate(y, coeffs, theta)
             y_star = y_lin + jnp.where(lax.stop_gradient(theta >= 1), lax.stop_gradient(y1 - y_lin), 0)
-            z_plus = event_adjoint._update(events, k, y_star, direction * s_out, args)
+            z_plus = events.for_loop(args).update(k, y_star, direction * s_out)
             return (dot_outputs(y, coeffs, t, h, s_ts, s_star, y_star) + jnp.sum(ct_plus * z_plus)
                     + ct_star * s_out)
 

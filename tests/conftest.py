@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
+# Compiling is most of the suite's time, and the tests check what the library computes, not
+# what XLA's optimiser makes of it: compile without most optimisations (about a quarter less
+# wall time). The tests that measure the compiled code itself ask for them (`optimized`).
+# Set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to run everything optimised.
+if "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
+    jax.config.update("jax_disable_most_optimizations", True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -18,6 +25,15 @@ FIXED_ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 STAGES = {"bosh3": 4, "dopri5": 7, "tsit5": 7, "dopri8": 13}
 FSAL = {"euler": False, "midpoint": False, "heun": False, "rk4": False,
         "bosh3": True, "dopri5": True, "tsit5": True, "dopri8": True}
+
+
+@pytest.fixture(scope="module")
+def optimized():
+    """XLA's optimisations on for the module's tests (costs of the compiled code)."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def reference(fun, y0, ts, rtol=1e-13, atol=1e-14):

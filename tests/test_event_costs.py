@@ -14,6 +14,7 @@ import pytest
 import jaxode
 
 G = 9.81
+pytestmark = pytest.mark.usefixtures("optimized")  # counts what runs once XLA has pruned the program
 
 
 def _counts(mode, batched):

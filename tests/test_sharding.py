@@ -14,6 +14,7 @@ the same jitted function called with every input on device 0.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -277,8 +278,7 @@ def _child() -> dict:  # noqa: C901 - one long script of checks, each recorded i
 # --------------------------------------------------------------------------- the tests
 
 
-@pytest.fixture(scope="module")
-def results():
+def _run_child() -> dict:
     import jax  # the child compiles like this process (tests/conftest.py: backend optimisations)
 
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}",
@@ -293,6 +293,21 @@ def results():
     res = json.loads(lines[-1])
     res["child_seconds"] = time.perf_counter() - t0
     return res
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """The child's results, computed once per test run: under pytest-xdist the first worker to
+    get here runs the child (about a minute) and the others wait for its file."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # one folder for all workers of this run
+    path = shared / "sharding_results.json"
+    with open(shared / "sharding_results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            path.write_text(json.dumps(_run_child()))
+    return json.loads(path.read_text())
 
 
 BATCH = ["batch", None, None]
