@@ -6,7 +6,7 @@ Cases (float32, CPU unless JAX finds an accelerator):
 * ``d=16, hutchinson``: batch 512, a ``ConcatSquashField(16, 64, depth 3)``, Hutchinson's
   trace with one Rademacher vector per sample.
 
-The same field weights, data, noise, solver (tsit5; dopri5 beside torchdiffeq), tolerances
+The same field weights, data, noise, solver (tsit5; dopri5 for all three beside torchdiffeq), tolerances
 (rtol 1e-3, atol 1e-5, RMS error norm over the whole state) and interval ``[0, 1]`` for every
 variant:
 
@@ -22,8 +22,8 @@ variant:
   description): ``odeint_adjoint`` or ``odeint`` (backprop through the solver) of ``(z, ∫tr)``
   for the batch as one state, the trace by autograd (one vector-Jacobian product per dimension;
   Hutchinson: ``εᵀ(∂f/∂z)`` by one, the same ``ε``), the same weights, float32, on the CPU.
-  torchdiffeq has no tsit5, so it runs dopri5, and jaxode's joint variants are run with dopri5
-  beside it (same tolerances, the same RMS error norm over the whole state). Skipped, with a
+  torchdiffeq has no tsit5, so it runs dopri5, and jaxode's and diffrax's joint variants are run
+  with dopri5 beside it (same tolerances, the same RMS error norm over the whole state). Skipped, with a
   line saying so, when torch or torchdiffeq is not installed.
 
 Measured: the wall time of a compiled step (its first, compiling call apart), ``--repeats``
@@ -33,7 +33,8 @@ largest over the batch, which sets the vectorised loop's length). All three libr
 ``6 steps + 2`` forward evaluations with tsit5 or dopri5 (FSAL, and 2 for the first step);
 torchdiffeq's steps are read off its evaluation count that way.
 
-Run: ``python benchmarks/cnf.py [--repeats N] [--quick] [--no-vmap] [--weight-scale S] [--out PATH.md]``.
+Run: ``python benchmarks/cnf.py [--repeats N] [--quick] [--no-vmap] [--case 2|16] [--weight-scale S]
+[--out PATH.md]``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def jaxode_step(field, x, eps, trace, gradient, joint, solver="tsit5"):
     return eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True)), cnf
 
 
-def diffrax_step(field, x, eps, trace, adjoint, joint):
+def diffrax_step(field, x, eps, trace, adjoint, joint, solver="tsit5"):
     import diffrax
 
     def aug(t, state, args):
@@ -99,9 +100,11 @@ def diffrax_step(field, x, eps, trace, adjoint, joint):
 
     adj = diffrax.BacksolveAdjoint() if adjoint == "backsolve" else diffrax.RecursiveCheckpointAdjoint()
 
+    method = diffrax.Tsit5() if solver == "tsit5" else diffrax.Dopri5()
+
     def solve(field, x, eps):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(aug), diffrax.Tsit5(), 0.0, 1.0, None, (x, jnp.zeros(x.shape[:-1], x.dtype)),
+            diffrax.ODETerm(aug), method, 0.0, 1.0, None, (x, jnp.zeros(x.shape[:-1], x.dtype)),
             args=(field, eps), stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
             adjoint=adj, max_steps=4096,
         )
@@ -223,6 +226,8 @@ def main(argv=None):
     p.add_argument("--weight-scale", type=float, default=1.0,
                    help="multiply the field's initial weights (a less trivial flow: more steps)")
     p.add_argument("--no-vmap", action="store_true", help="skip the per-sample (vmap) variants")
+    p.add_argument("--case", choices=("all", "2", "16"), default="all",
+                   help="run only d = 2 (exact trace) or d = 16 (Hutchinson)")
     args = p.parse_args(argv)
     batch = 64 if args.quick else 512
     repeats = 2 if args.quick else args.repeats
@@ -243,7 +248,8 @@ def main(argv=None):
               "| compile s |",
               "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for d, trace in ((2, "exact"), (16, "hutchinson")):
+    cases = [(d, trace) for d, trace in ((2, "exact"), (16, "hutchinson")) if args.case in ("all", str(d))]
+    for d, trace in cases:
         key = jax.random.key(d)
         field = ConcatSquashField(d, 64, 3, key=jax.random.fold_in(key, 1))
         scale = lambda w: w * args.weight_scale if eqx.is_inexact_array(w) else w  # noqa: E731
@@ -269,12 +275,21 @@ def main(argv=None):
                 ("diffrax joint, BacksolveAdjoint", dx("backsolve", True)),
                 ("diffrax joint, RecursiveCheckpoint", dx("recursive", True)),
             ]
-        if have_torch:  # torchdiffeq has no tsit5: dopri5 for it, and for jaxode beside it
-            tq = lambda adjoint: lambda: torch_step(field, x, eps, trace, adjoint)  # noqa: E731
-            jd = lambda grad: lambda: jaxode_step(field, x, eps, trace, grad, True, "dopri5")  # noqa: E731
+        # torchdiffeq has no tsit5: dopri5 for it, and for jaxode and diffrax beside it
+        jd = lambda grad: lambda: jaxode_step(field, x, eps, trace, grad, True, "dopri5")  # noqa: E731
+        variants += [
+            ("jaxode joint, adjoint, dopri5", jd("adjoint")),
+            ("jaxode joint, checkpoint, dopri5", jd("checkpoint")),
+        ]
+        if have_diffrax:
+            dd = lambda adj: lambda: diffrax_step(field, x, eps, trace, adj, True, "dopri5")  # noqa: E731
             variants += [
-                ("jaxode joint, adjoint, dopri5", jd("adjoint")),
-                ("jaxode joint, checkpoint, dopri5", jd("checkpoint")),
+                ("diffrax joint, BacksolveAdjoint, dopri5", dd("backsolve")),
+                ("diffrax joint, RecursiveCheckpoint, dopri5", dd("recursive")),
+            ]
+        if have_torch:
+            tq = lambda adjoint: lambda: torch_step(field, x, eps, trace, adjoint)  # noqa: E731
+            variants += [
                 ("torchdiffeq odeint_adjoint, dopri5", tq(True)),
                 ("torchdiffeq odeint (backprop), dopri5", tq(False)),
             ]
