@@ -9,14 +9,33 @@ Each spiral is observed at ``n`` (30, 50 or 100) grid times of the window drawn 
 
 The latent ODE (a variational auto-encoder): an encoder GRU (25 units) runs backwards over
 the observations, taking each point and the time gap to the previous one, and gives the
-mean and log-std of ``q(z0 | x)``, a Gaussian over the 4-D latent state at ``t = 0``;
+mean and log-std of ``q(z0 | x)``, a Gaussian over the 6-D latent state at ``t = 0``;
 ``z0 = μ + σ ε`` (reparameterised) is solved forward by ``jaxode.odesolve`` (through
-``jaxode.nn.NeuralODE``: an autonomous ``MLPField``, 2 hidden layers of 20, tsit5, rtol 1e-3,
-the batch as one state, ``gradient="checkpoint"``: outputs on the dense output, so the 100
-grid times cost no extra steps) and decoded by an MLP (20 hidden units) at the grid times.
+``jaxode.nn.NeuralODE``: an autonomous ``MLPField``, 2 hidden layers of 20 with ELU
+activations, tsit5, rtol 1e-3, the batch as one state, ``gradient="checkpoint"``: outputs on
+the dense output, so the 100 grid times cost no extra steps) and decoded by a *linear* map
+``x(t) = A z(t) + b`` at the grid times.
 Trained on the ELBO: the Gaussian log-likelihood (std 0.05) of the observed points minus
-``KL(q(z0|x) || N(0, I))``. Both models: 800 training spirals, 200 held out, 1500 Adam steps
+``KL(q(z0|x) || N(0, I))``. Both models: 800 training spirals, 200 held out, 3000 Adam steps
 (learning rate 1e-2, cosine decay, gradients clipped at global norm 10) on batches of 64.
+
+Why a linear decoder, ELU field and 6-D latent state (the first version had a tanh MLP
+decoder with 20 hidden units, a tanh field and 4 latent dimensions): the extrapolation
+interval reaches radii beyond most of the window's, and its time evolution can only come
+from the ODE. A tanh decoder saturates, and a small MLP decoder can draw the window's arcs
+from latent paths that do not continue as spirals, so that model reconstructed the window
+well (RMSE ~0.05) but extrapolated badly and erratically (0.11 to 0.52 over n and seeds).
+With a linear decoder the latent ODE itself must rotate and grow the spiral; the
+non-saturating ELU field (the activation of the paper's reference code) can keep growing it.
+Evidence, extrapolation RMSE at n = 100 (seed 0, 500 steps): tanh MLP decoder and tanh field
+0.65; ReLU MLP decoder, ELU field 0.29; linear decoder, tanh field 0.36; linear decoder, ELU
+field 0.16 (seed 1, 1500 steps: 0.086 with 4 latent dimensions, 0.057 with 6, 0.062 with 8).
+Learning rate 3e-3 and a likelihood std of 0.3 (a larger KL weight) were worse.
+Caveat: there is no validation split; these choices were picked from about ten short runs
+(n = 30 and 100, seeds 0 and 1) by their held-out extrapolation RMSE, so seed 2 is reported
+in README.md as an untouched check. The step count (3000, was 1500) was then chosen on
+validation spirals from other keys (n = 100: extrapolation RMSE 0.070 -> 0.058 and
+0.068 -> 0.049 on two draws; the training loss was still falling at 1500).
 
 The baseline: a GRU (25 units) reading ``(x_i, t_i - t_(i-1))``, with a readout
 ``MLP([h_i, Δt])`` that predicts the point ``Δt`` after the last one read; trained on
@@ -53,7 +72,7 @@ from jaxode.nn import MLPField, NeuralODE  # noqa: E402
 from _common import parser, save  # noqa: E402
 
 NOISE = 0.05
-LATENT, HIDDEN = 4, 25
+LATENT, HIDDEN = 6, 25
 NUM_WINDOW, NUM_EXTRA = 100, 50
 T_WINDOW, T_END = 2 * math.pi, 3 * math.pi
 # Chen et al. (2018), Table 2: predictive RMSE on the test set, as we know them
@@ -97,16 +116,16 @@ class LatentODE(eqx.Module):
     encoder: eqx.nn.GRUCell
     to_posterior: eqx.nn.Linear
     ode: NeuralODE
-    decoder: eqx.nn.MLP
+    decoder: eqx.nn.Linear
 
     def __init__(self, key):
         k = jax.random.split(key, 4)
         self.encoder = eqx.nn.GRUCell(3, HIDDEN, key=k[0])
         self.to_posterior = eqx.nn.Linear(HIDDEN, 2 * LATENT, key=k[1])
-        field = MLPField(LATENT, width=20, depth=2, autonomous=True, key=k[2])
+        field = MLPField(LATENT, width=20, depth=2, activation=jax.nn.elu, autonomous=True, key=k[2])
         self.ode = NeuralODE(field, ts=time_grid()[:NUM_WINDOW], rtol=1e-3, atol=1e-4,
                              gradient="checkpoint")
-        self.decoder = eqx.nn.MLP(LATENT, 2, 20, 1, activation=jnp.tanh, key=k[3])
+        self.decoder = eqx.nn.Linear(LATENT, 2, key=k[3])  # linear: the ODE carries all of time
 
     def posterior(self, x_obs, t_obs):
         """Mean and log-std of ``q(z0 | x)`` from one spiral's observations ``(n, 2)``, ``(n,)``."""
@@ -116,8 +135,8 @@ class LatentODE(eqx.Module):
         return out[:LATENT], out[LATENT:]
 
     def decode(self, z0s, ts=None):
-        """``x(ts)`` for a batch of latent initial states ``(B, 4)``: ``(B, T, 2)``."""
-        zs = self.ode(z0s) if ts is None else self.ode(z0s, ts)  # (T, B, 4): one joint solve
+        """``x(ts)`` for a batch of latent initial states ``(B, LATENT)``: ``(B, T, 2)``."""
+        zs = self.ode(z0s) if ts is None else self.ode(z0s, ts)  # (T, B, LATENT): one joint solve
         return jax.vmap(jax.vmap(self.decoder))(jnp.swapaxes(zs, 0, 1))
 
 
@@ -241,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         iters, num_train, num_test, batch, observed = 60, 64, 32, 32, [30]
     else:
-        iters, num_train, num_test, batch, observed = 1500, 800, 200, 64, [30, 50, 100]
+        iters, num_train, num_test, batch, observed = 3000, 800, 200, 64, [30, 50, 100]
     iters = args.iters or iters
     observed = args.observed or observed
     t_start = time.perf_counter()
