@@ -13,7 +13,10 @@ driver          how the loop runs
                 what its field does, and under ``jax.vmap`` (each problem steps on without
                 waiting for the others at every output time).
 ``automatic``   the rule: ``nested`` if a step's stages fit in ``_INLINE_BYTES``, else ``flat``;
-                ``flat`` under ``jax.vmap`` in any case. Not reverse-differentiable.
+                ``flat`` under ``jax.vmap`` in any case. Not reverse-differentiable. For a
+                method with phases (``solver="auto"``) ``nested``, and ``flat`` up to
+                ``_PHASED_BYTES``, run each phase in its own inner ``while_loop``
+                (``_phased_while``), except under ``jax.vmap``.
 ``backprop``    ``while_loops.checkpointed_while`` over ``Loop.step`` (nested, checkpointed
                 scans): reverse and forward mode; outputs written by masking.
 ``checkpoint``  ``while_loops.custom_vjp_while``: a ``custom_vjp`` around a plain while loop of
@@ -26,6 +29,7 @@ The gradient modes (``jaxode.gradients``) name the driver each one runs.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,6 +44,12 @@ from .while_loops import checkpointed_while, custom_vjp_while, hoist
 # XLA's CPU runtime runs a loop body inline when every buffer it touches is at most this big
 # (ThunkExecutor's execute_sequential_buffer_threshold), else through its dataflow executor.
 _INLINE_BYTES = 512
+# The flat driver runs a method with phases in phases up to this size of a step's stages; beyond
+# it a step's own cost dwarfs choosing its method by ``lax.cond``, while the ``lax.cond`` around
+# a phase (``_phased_while``) copies the outputs. Measured (``benchmarks/auto_overhead.py``),
+# auto / tsit5: n = 32, 2 kB: 1.21 per step, 1.08 in phases; (64, 32), 131 kB: 1.06 per step,
+# 1.16 in phases.
+_PHASED_BYTES = 16 * 1024
 
 Build = Callable[[bool], Loop]
 
@@ -58,15 +68,65 @@ def flat(build: Build) -> LoopState:
     return loop.finish(lax.while_loop(loop.running, lambda state: loop.step(state)[0], loop.init()))
 
 
+def _flat_phased(build: Build) -> LoopState:
+    loop = build(False)
+    body = lambda lp: (lambda state: lp.step(state)[0])
+    return loop.finish(_phased_while(loop, loop.running, body, loop.init(), lambda state: state))
+
+
+def _has_phases(loop: Loop) -> bool:
+    return hasattr(loop.method, "phases")
+
+
+def _phased_while(loop: Loop, cond, body_of: Callable[[Loop], Callable], carry, state_of):
+    """``lax.while_loop(cond, body_of(loop), carry)``, where ``loop.method`` may have phases
+    (``methods.auto.AutoSwitch.phases``: one method per phase, ``phase_of(method_state)`` the
+    current one): then each pass of the outer loop runs one inner ``while_loop`` per phase,
+    stepping with that phase's method while ``cond`` holds and the state is in that phase, so
+    that no step chooses its method at run time. ``state_of(carry)``: the ``LoopState``.
+
+    Every phase but the first (where a non-stiff solve spends all its steps) runs under a
+    ``lax.cond`` on whether it is entered: XLA hoists a loop's invariants out of it (for a
+    Rosenbrock step, the Jacobian's identity basis pushed through the field: O(n²)), and would
+    compute them even for a phase that takes no step. Under ``jax.vmap`` every problem would
+    wait for the others to leave a phase: callers run this on one problem only."""
+    if not _has_phases(loop):
+        return lax.while_loop(cond, body_of(loop), carry)
+    which = loop.method.phase_of
+    phases = []
+    for method in loop.method.phases():
+        phase_loop = copy.copy(loop)
+        phase_loop.method = method
+        phases.append(phase_loop)
+
+    def run_phase(k: int, carry):
+        in_phase = lambda c: cond(c) & (which(state_of(c).method_state) == k)
+        run = lambda c: lax.while_loop(in_phase, body_of(phases[k]), c)
+        return run(carry) if k == 0 else lax.cond(in_phase(carry), run, lambda c: c, carry)
+
+    def outer(carry):
+        for k in range(len(phases)):
+            carry = run_phase(k, carry)
+        return carry
+
+    return lax.while_loop(cond, outer, carry)
+
+
+def _stage_bytes(loop: Loop) -> int:
+    return loop.method.num_stages * loop.y0.size * loop.y0.dtype.itemsize
+
+
 def is_large(loop: Loop) -> bool:
     """Whether a step's stages exceed ``_INLINE_BYTES``: then its cost is the field's, and the
     flat driver runs it."""
-    return loop.method.num_stages * loop.y0.size * loop.y0.dtype.itemsize > _INLINE_BYTES
+    return _stage_bytes(loop) > _INLINE_BYTES
 
 
 def automatic(build: Build) -> LoopState:
     loop = build(False)
     if is_large(loop) or loop.save_dense or loop.events is not None:  # events: Loop.step
+        if _has_phases(loop) and _stage_bytes(loop) <= _PHASED_BYTES:
+            return _vmapped_as(lambda: _flat_phased(build), lambda: flat(build))
         return flat(build)
     return _vmapped_as(lambda: nested(build), lambda: flat(build))
 
@@ -162,15 +222,18 @@ def _steps_until(loop: Loop, state: LoopState, until, clip_to, last=None, last_o
     ``state.t`` reaches ``until`` or the solve fails; with ``last``, also returns the last
     step (the accepted one that got there). Carries nothing of size ``T``."""
 
-    def body(carry):
-        new, at = loop.attempt(carry[0], clip_to)
-        return (new,) if last is None else (new, last_of(at))
+    def body_of(lp: Loop):
+        def body(carry):
+            new, at = lp.attempt(carry[0], clip_to)
+            return (new,) if last is None else (new, last_of(at))
+
+        return body
 
     def more(carry):
         return (carry[0].t < until) & (loop.failure(carry[0]) == errors.SUCCESS)
 
     carry = (state._replace(ys=None),) + (() if last is None else (last,))
-    carry = lax.while_loop(more, body, carry)
+    carry = _phased_while(loop, more, body_of, carry, lambda c: c[0])
     return carry[0]._replace(ys=state.ys), (carry[1] if last is not None else None)
 
 

@@ -93,8 +93,57 @@ def test_vmap_mixed_batch():
     np.testing.assert_allclose(np.asarray(ys[..., 0]), exact, atol=1e-5)
 
 
+def _sub_jaxprs(eqn) -> list:
+    out = []
+    for value in eqn.params.values():
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                out.append(v.jaxpr)
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                out.append(v)
+    return out
+
+
+def _has(jaxpr, primitive: str) -> bool:
+    return any(e.primitive.name == primitive or any(_has(s, primitive) for s in _sub_jaxprs(e))
+               for e in jaxpr.eqns)
+
+
+def _per_step_choices(jaxpr) -> int:
+    """How many ``cond``s of ``jaxpr`` (at any depth) choose between steps: a branch factorises
+    a matrix (a Rosenbrock step) and none runs a loop of steps (``while``)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            branches = [b.jaxpr for b in eqn.params["branches"]]
+            count += any(_has(b, "lu") for b in branches) and not any(_has(b, "while") for b in branches)
+        count += sum(_per_step_choices(sub) for sub in _sub_jaxprs(eqn))
+    return count
+
+
+@pytest.mark.parametrize("shape", [(1,), (48, 1)], ids=["nested", "flat"])
+def test_phases_take_the_steps_of_the_cond(shape):
+    """On one problem the loop runs each method in its own inner loop (no step chooses by
+    ``lax.cond``), in the nested driver (a small state) and the flat one (a large state); it
+    takes the same steps as the per-step choice that ``jax.vmap`` runs, through the stiff window
+    and back."""
+    z0 = jnp.ones(shape)
+    solve = lambda z0: jaxode.odesolve(_window, z0, TS_WINDOW, 1.0, solver="auto", rtol=1e-6, atol=1e-6,
+                                       full_output=True)
+    ys, info = jax.jit(solve)(z0)
+    ys_v, info_v = jax.jit(jax.vmap(solve))(z0[None])
+    assert int(info.num_jacobians) > 0 and int(info.num_jacobians) < int(info.num_accepted) - 20
+    for name in ("num_accepted", "num_rejected", "nfe", "num_jacobians"):
+        assert int(getattr(info, name)) == int(getattr(info_v, name)[0]), name
+    np.testing.assert_allclose(np.asarray(ys), np.asarray(ys_v[0]), rtol=1e-12, atol=1e-12)
+    assert _per_step_choices(jax.make_jaxpr(solve)(z0).jaxpr) == 0
+    per_step = lambda z0: integrate(lambda y, t: _window(y, t, 1.0), z0.reshape(-1), TS_WINDOW, 1e-6, 1e-6,
+                                    None, method=AUTO, max_steps=1000, driver="flat").y
+    assert _per_step_choices(jax.make_jaxpr(per_step)(z0).jaxpr) > 0  # what the check would see
+
+
 def _run_votes(method, stiff, detections):
-    state = AutoState(jnp.asarray(stiff), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    state = AutoState.of(stiff, 0, 0)
     modes = []
     for h_rho in detections:
         state = method._vote(state, jnp.asarray(h_rho))

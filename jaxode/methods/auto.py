@@ -18,7 +18,11 @@ consecutive detections that do not, clear the votes; ``to_stiff_after`` (or
 (``AutoState``) carries the current choice and the counters; the loop keeps it from the last
 accepted step.
 
-Both methods are compiled, one step runs under ``lax.cond``; their results are brought to one
+Both methods are compiled. Run by the plain while-loop drivers (``drivers.automatic``: the
+forward solve, the adjoint's forward pass) on one problem, the loop runs in phases: an inner
+``while_loop`` of explicit steps while the problem is not stiff, then one of Rosenbrock steps
+while it is, and again (``phases``): no step pays for the choice. Elsewhere (under ``jax.vmap``,
+in the differentiable drivers) one step runs under ``lax.cond``. The results are brought to one
 structure: the error estimate as one array, the dense output as the interpolant's coefficients
 (both quartic, in powers of ``θ``), and the quadrature nodes of Simpson's rule on the step (the
 midpoint from the dense output; for tsit5 this quadrature is 4th order instead of its stages'
@@ -47,11 +51,19 @@ __all__ = ["AutoState", "AutoSwitch", "spectral_radius"]
 
 
 class AutoState(NamedTuple):
-    """Which method takes the next step, and the votes for a switch."""
+    """Which method takes the next step, and the votes for a switch: one ``int32`` array
+    ``(stiff, votes, calm)`` (one buffer of the loop's carry, updated by one fused operation
+    per step; three scalars cost a small system's step ~20% more)."""
 
-    stiff: Array  # bool
-    votes: Array  # int32: detections calling for a switch since the last reset
-    calm: Array  # int32: consecutive detections that did not
+    packed: Array  # (3,) int32
+
+    @staticmethod
+    def of(stiff, votes, calm) -> AutoState:
+        return AutoState(jnp.stack([jnp.asarray(x).astype(jnp.int32) for x in (stiff, votes, calm)]))
+
+    stiff = property(lambda self: self.packed[0] > 0)  # the stiff method takes the next step
+    votes = property(lambda self: self.packed[1])  # detections calling for a switch since the last reset
+    calm = property(lambda self: self.packed[2])  # consecutive detections that did not
 
 
 def spectral_radius(jac, iterations: int = 8) -> Array:
@@ -84,6 +96,9 @@ class AutoSwitch(Method):
         threshold: the ``h·ρ`` above which the problem counts as stiff.
         to_stiff_after, to_nonstiff_after: votes needed to switch.
         reset_after: consecutive contrary detections that clear the votes.
+        phase: ``None``: each step picks its method by ``lax.cond`` on the state; ``False`` or
+            ``True``: the step is the explicit (or the Rosenbrock) one, whatever the state says
+            (the methods of ``phases``, for a loop that runs each phase on its own).
     """
 
     nonstiff: ExplicitRK
@@ -92,6 +107,7 @@ class AutoSwitch(Method):
     to_stiff_after: int = 15
     to_nonstiff_after: int = 15
     reset_after: int = 6
+    phase: bool | None = None
 
     name = "auto"
     adaptive = True
@@ -110,9 +126,16 @@ class AutoSwitch(Method):
         if self.stiff.error_order != tab.error_order:
             raise ValueError("auto: both methods need the same error order (one step-size controller)")
 
+    def phases(self) -> tuple[AutoSwitch, AutoSwitch]:
+        """The method fixed to each phase: ``(explicit, Rosenbrock)``, indexed by ``phase_of``."""
+        return dataclasses.replace(self, phase=False), dataclasses.replace(self, phase=True)
+
+    def phase_of(self, state: AutoState) -> Array:
+        """The index into ``phases`` of the method that takes the next step."""
+        return state.packed[0]
+
     def init(self, field: Field, t0, y0, f0) -> AutoState:
-        zero = jnp.zeros((), jnp.int32)
-        return AutoState(jnp.zeros((), bool), zero, zero)
+        return AutoState(jnp.zeros((3,), jnp.int32))
 
     def step(self, field: Field, t, y, h, f0, state: AutoState, t_end) -> StepResult:
         """A step of the method ``state`` names; the new state assumes the step is accepted
@@ -145,20 +168,23 @@ class AutoSwitch(Method):
 
         # only what differs leaves the cond (the quadrature nodes follow outside it, and are
         # dropped by XLA where nothing uses them)
-        y_new, f_new, error, coefficients, nfe, num_jac, h_rho = lax.cond(state.stiff, implicit, explicit)
+        if self.phase is None:
+            y_new, f_new, error, coefficients, nfe, num_jac, h_rho = lax.cond(state.stiff, implicit, explicit)
+        else:
+            y_new, f_new, error, coefficients, nfe, num_jac, h_rho = implicit() if self.phase else explicit()
         nodes = simpson_nodes(t, y, h, t_end, coefficients, y_new)
         result = StepResult(y_new, f_new, error, coefficients, nodes, nfe, num_jac, ())
         return result._replace(state=self._vote(state, lax.stop_gradient(h_rho)))
 
     def _vote(self, state: AutoState, h_rho) -> AutoState:
         """The state after an accepted step whose ``h·ρ`` is ``h_rho``."""
-        against = jnp.where(state.stiff, h_rho < self.threshold, h_rho > self.threshold)
-        votes = jnp.where(against, state.votes + 1, state.votes)
-        calm = jnp.where(against, 0, state.calm + 1)
+        stiff, votes, calm = state.stiff, state.votes, state.calm
+        against = jnp.where(stiff, h_rho < self.threshold, h_rho > self.threshold)
+        votes = jnp.where(against, votes + 1, votes)
+        calm = jnp.where(against, 0, calm + 1)
         votes = jnp.where(calm >= self.reset_after, 0, votes)
-        switch = votes >= jnp.where(state.stiff, self.to_nonstiff_after, self.to_stiff_after)
-        zero = jnp.zeros((), jnp.int32)
-        return AutoState(state.stiff ^ switch, jnp.where(switch, zero, votes), jnp.where(switch, zero, calm))
+        switch = votes >= jnp.where(stiff, self.to_nonstiff_after, self.to_stiff_after)
+        return AutoState.of(stiff ^ switch, jnp.where(switch, 0, votes), jnp.where(switch, 0, calm))
 
     def interpolant(self, field: Field, t, y, h, dense, y_new, f_new) -> Array:
         """The coefficients computed by ``step`` (no evaluations)."""
