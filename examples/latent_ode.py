@@ -52,6 +52,7 @@ Run: ``python examples/latent_ode.py [--out PATH] [--quick] [--iters N] [--seed 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -87,9 +88,10 @@ def time_grid() -> np.ndarray:
     return np.concatenate([window, extra])
 
 
-def make_spirals(key, num: int, n_obs: int):
+def make_spirals(key, num: int, n_obs: int, noise: float = NOISE):
     """``num`` spirals: the noiseless truth on the grid ``(num, 150, 2)``, the observed grid
-    indices ``(num, n_obs)`` (sorted, in the window) and the noisy observations ``(num, n_obs, 2)``."""
+    indices ``(num, n_obs)`` (sorted, in the window) and the observations ``(num, n_obs, 2)``
+    with Gaussian noise of std ``noise``."""
     ks = jax.random.split(key, 5)
     grid = jnp.asarray(time_grid())
     direction = jnp.where(jax.random.bernoulli(ks[0], 0.5, (num,)), 1.0, -1.0)
@@ -101,7 +103,7 @@ def make_spirals(key, num: int, n_obs: int):
     pick = lambda k: jnp.sort(jax.random.choice(k, NUM_WINDOW, (n_obs,), replace=False))
     idx = jax.vmap(pick)(jax.random.split(ks[3], num))
     obs = jnp.take_along_axis(truth, idx[..., None], axis=1)
-    obs = obs + NOISE * jax.random.normal(ks[4], obs.shape)
+    obs = obs + noise * jax.random.normal(ks[4], obs.shape)
     return truth, idx, obs
 
 
@@ -140,13 +142,14 @@ class LatentODE(eqx.Module):
         return jax.vmap(jax.vmap(self.decoder))(jnp.swapaxes(zs, 0, 1))
 
 
-def elbo_loss(model: LatentODE, x_obs, idx, key):
-    """``-ELBO`` per spiral, averaged over the batch; also the mean squared error."""
+def elbo_loss(model: LatentODE, x_obs, idx, key, noise: float = NOISE):
+    """``-ELBO`` per spiral, averaged over the batch (the likelihood's std is the data's
+    ``noise``); also the mean squared error."""
     t_obs = jnp.asarray(time_grid())[idx]
     mean, log_std = jax.vmap(model.posterior)(x_obs, t_obs)
     z0 = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
     pred = jnp.take_along_axis(model.decode(z0), idx[..., None], axis=1)
-    log_lik = -0.5 * jnp.sum(((pred - x_obs) / NOISE) ** 2 + math.log(2 * math.pi * NOISE**2), (1, 2))
+    log_lik = -0.5 * jnp.sum(((pred - x_obs) / noise) ** 2 + math.log(2 * math.pi * noise**2), (1, 2))
     kl = 0.5 * jnp.sum(mean**2 + jnp.exp(2 * log_std) - 2 * log_std - 1, -1)
     return jnp.mean(kl - log_lik), jnp.mean((pred - x_obs) ** 2)
 
@@ -251,6 +254,7 @@ def parse(argv):
     p.add_argument("--observed", type=int, nargs="+", default=None, help="n, points observed")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--clip", type=float, default=10.0, help="gradient clipping (global norm)")
+    p.add_argument("--noise", type=float, default=NOISE, help="observation noise std")
     return p.parse_args(argv)
 
 
@@ -271,9 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
     results, shown = {}, None
     for n in observed:
         k_data, k_test, k_lode, k_rnn, k_fit = jax.random.split(jax.random.fold_in(key, n), 5)
-        _, idx, obs = make_spirals(k_data, num_train, n)
-        truth_te, idx_te, obs_te = make_spirals(k_test, num_test, n)
-        lode, lode_losses = fit(LatentODE(k_lode), elbo_loss, (obs, idx), iters=iters, batch=batch,
+        _, idx, obs = make_spirals(k_data, num_train, n, args.noise)
+        truth_te, idx_te, obs_te = make_spirals(k_test, num_test, n, args.noise)
+        elbo = functools.partial(elbo_loss, noise=args.noise)
+        lode, lode_losses = fit(LatentODE(k_lode), elbo, (obs, idx), iters=iters, batch=batch,
                                 lr=args.lr, clip=args.clip, key=k_fit, desc=f"latent ODE, n={n}")
         rnn, rnn_losses = fit(GapRNN(k_rnn), rnn_loss, (obs, idx), iters=iters, batch=batch,
                               lr=args.lr, clip=args.clip, key=k_fit, desc=f"RNN, n={n}")
