@@ -6,9 +6,9 @@ direction ``s = ±1``, phase ``φ0`` and starting radius (``θ0 ~ U(0, 2π)``), 
 times in ``[0, 2π]`` (the observation window) and 50 more in ``(2π, 3π]`` (the extrapolation).
 Each spiral is observed at ``n`` (30, 50 or 100) grid times of the window drawn at random
 (irregular gaps), with Gaussian noise of std 0.1. That is the noise of the paper's reference code
-(torchdiffeq's ``examples/latent_ode.py``: std 0.3 on spirals ``r = 0.3 θ``, i.e. the radius's
-growth per radian; ours grow by 0.1 per radian, and the noise is ~10% of the mean radius in
-both). The first version used 0.05, at which the RNN ties the latent ODE with all 100 points
+(torchdiffeq's ``examples/latent_ode.py``: std 0.3; its counter-clockwise spiral is
+``r = 0.3 θ``, so the noise equals the radius's growth per radian; ours grow by 0.1 per radian,
+and the noise is ~10% of the mean observed radius in both). The first version used 0.05, at which the RNN ties the latent ODE with all 100 points
 observed (README); ``--noise 0.05`` runs it.
 
 The latent ODE (a variational auto-encoder): an encoder GRU (25 units) runs backwards over
