@@ -26,6 +26,7 @@ NONFINITE = 3
 INVALID_TOLERANCE = 4
 DENSE_NOT_DIFFERENTIABLE = 5
 EVENTS_MAX_STEPS = 6
+TOO_MANY_EVENTS = 7
 
 STATUS_MESSAGES = (
     "",
@@ -44,6 +45,8 @@ STATUS_MESSAGES = (
     "jaxode: the solve took max_steps steps (accepted and rejected) without reaching the final "
     "time, with events firing: events ever closer together (Zeno behaviour, e.g. a ball bouncing "
     "to rest) end a step each; stop the solve with a terminal event, or raise max_steps",
+    "jaxode: more events fired than max_events; raise max_events (it sizes the record of the "
+    "events that gradient=\"adjoint\" and \"reversible\" keep for the backward pass)",
 )
 
 

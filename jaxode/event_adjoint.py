@@ -39,8 +39,8 @@ solve does; the backward solve of ``a`` lands on each and applies the jump above
 ``a_θ`` (events without an update change nothing backwards).
 
 Second derivatives of this mode are not supported (a clear error; ``"backprop"`` has them).
-Memory: with a non-terminal event the record holds ``max_steps`` slots of ``(τ, z⁻, index)``
-(each event ends a step), ``max_steps × n`` numbers;
+Memory: with a non-terminal event the record holds ``max_events`` slots of ``(τ, z⁻, index)``
+(by default ``max_steps``: each event ends a step), ``max_events × n`` numbers;
 ``batched=True`` and ``jax.vmap`` run one backward solve per problem (per-problem parameter
 adjoints, summed by JAX). Not covered: an event exactly at an output time other than ``ts[-1]``
 is applied there too; one exactly at ``ts[-1]`` (non-terminal) is not.
@@ -54,6 +54,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from . import errors, interpolated_adjoint
+from . import events as events_module
 from .drivers import integrate
 from .forward import Config, Controls, FlatField, Solution
 from .loop import info_of
@@ -63,7 +64,8 @@ from .while_loops import zero_cotangent
 def _forward(field: FlatField, y0, ts, diff, nondiff, controls: Controls, cfg: Config, record: bool):
     """The forward solve with events; ``record``: keep the non-terminal events."""
     resets = not all(cfg.events.terminal)  # only non-terminal events need the record
-    events = cfg.events.for_loop((diff, nondiff), record=record, buffer=cfg.max_steps if resets else 1)
+    slots = events_module.record_slots(cfg.max_events, cfg.max_steps) if resets else 1
+    events = cfg.events.for_loop((diff, nondiff), record=record, buffer=slots)
     state = integrate(
         lambda y, t: field(y, t, diff, nondiff), y0, ts, controls.rtol, controls.atol, controls.dt0,
         method=cfg.method, max_steps=cfg.max_steps, max_dt=controls.max_dt, jump_ts=controls.jump_ts,

@@ -46,7 +46,9 @@ Derivatives. The root finder is never differentiated: ``θ*`` is defined implici
 the loop through it; the adjoint's jump condition is in ``jaxode.event_adjoint``.
 
 Zeno behaviour (events ever closer together) spends ``max_steps`` (each event ends a step)
-and fails with ``errors.EVENTS_MAX_STEPS``, whose message mentions events.
+and fails with ``errors.EVENTS_MAX_STEPS``, whose message mentions events. With
+``odesolve(max_events=M)`` an (M+1)-th event fails the solve (``errors.TOO_MANY_EVENTS``); ``M``
+sizes the records of the events that the adjoint and reversible gradients keep.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 
 from .while_loops import max_in_batch
@@ -121,6 +124,23 @@ def check_events(events) -> tuple[Event, ...] | None:
     return tuple(events)
 
 
+def check_max_events(max_events, events) -> int | None:
+    """``max_events``: ``None`` or a positive ``int``, and only with events."""
+    if max_events is None:
+        return None
+    if isinstance(max_events, bool) or not isinstance(max_events, (int, np.integer)) or max_events < 1:
+        raise ValueError(f"max_events must be a positive int or None, got {max_events!r}")
+    if events is None:
+        raise ValueError("max_events bounds the events of a solve: pass events= too")
+    return int(max_events)
+
+
+def record_slots(max_events: int | None, max_steps: int) -> int:
+    """The slots of a record with one entry per event: each event ends a step, so at most
+    ``max_steps`` of them fire, and at most ``max_events`` where that is given."""
+    return max_steps if max_events is None else min(max_events, max_steps)
+
+
 def _eval_shape(fn, name: str, z0, t, params):
     """``fn(z0, t, params)``'s shapes and dtypes, traced abstractly; a failure names ``name``."""
     try:
@@ -159,10 +179,12 @@ def check_functions(events: tuple[Event, ...], z0, t, params) -> None:
 
 class FlatEvents:
     """The events on flat states: ``conditions[k](y, t, args) -> scalar`` and
-    ``updates[k](y, t, args) -> y`` (or ``None``), ``args = (diff, nondiff)`` of the solve."""
+    ``updates[k](y, t, args) -> y`` (or ``None``), ``args = (diff, nondiff)`` of the solve;
+    ``max_events``: more fail the solve (``errors.TOO_MANY_EVENTS``), or ``None``."""
 
-    def __init__(self, events: tuple[Event, ...], conditions, updates):
+    def __init__(self, events: tuple[Event, ...], conditions, updates, max_events: int | None = None):
         self.events, self.conditions, self.updates = events, tuple(conditions), tuple(updates)
+        self.max_events = max_events
         self.directions = tuple(ev.direction for ev in events)
         self.terminal = tuple(ev.terminal for ev in events)
         self.points = max(ev.interior_points for ev in events)
@@ -396,7 +418,8 @@ def _chandrupatla(g, lo, hi, g_lo, g_hi, atol) -> Array:
     return jnp.clip(best, jnp.minimum(lo, hi), jnp.maximum(lo, hi))
 
 
-def attach(events: tuple[Event, ...], field, diff, nondiff, z0, t0, y0, params, unravel, ravel):
+def attach(events: tuple[Event, ...], field, diff, nondiff, z0, t0, y0, params, unravel, ravel,
+           max_events: int | None = None):
     """The solve's problem with its events: ``(field, diff, nondiff, FlatEvents)``.
 
     The conditions and updates are checked (``check_functions``), put on flat states
@@ -434,4 +457,5 @@ def attach(events: tuple[Event, ...], field, diff, nondiff, z0, t0, y0, params, 
 
     conditions = [bind(2 * k) for k in range(len(events))]
     updates = [bind(2 * k + 1) for k in range(len(events))]
-    return new_field, (diff, ev_diff), (nondiff, ev_nondiff), FlatEvents(events, conditions, updates)
+    flat = FlatEvents(events, conditions, updates, max_events)
+    return new_field, (diff, ev_diff), (nondiff, ev_nondiff), flat

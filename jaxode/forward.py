@@ -34,6 +34,7 @@ class Config(NamedTuple):
     interpolate: bool = False  # the adjoint reads z off the forward solution (interpolated_adjoint)
     reversible_coupling: float = 0.999  # λ of gradient="reversible"
     events: Any = None  # Event objects (odesolve's options), then events.FlatEvents in a solve
+    max_events: int | None = None  # the most events (None: max_steps)
 
 
 class Controls(NamedTuple):

@@ -78,7 +78,8 @@ class Info(NamedTuple):
         event_state: with ``events``: the state there (NaN if the solve failed); else ``None``.
         event_index: with ``events``: the terminal event that fired, ``-1`` if none.
         num_events: with ``events``: how many events (terminal or not) fired. (With events,
-            ``max_steps`` reached after some fired is status 6, ``errors.EVENTS_MAX_STEPS``.)
+            ``max_steps`` reached after some fired is status 6, ``errors.EVENTS_MAX_STEPS``;
+            more events than ``max_events``, status 7, ``errors.TOO_MANY_EVENTS``.)
     """
 
     num_steps: Array
@@ -469,6 +470,9 @@ class Loop:
         if not self.method.adaptive:
             code = jnp.where(state.finite, code, errors.NONFINITE)
         code = jnp.where(state.status != errors.SUCCESS, state.status, code)
+        if self.events is not None and self.events.flat.max_events is not None:
+            too_many = state.event.count > self.events.flat.max_events
+            code = jnp.where((code == errors.SUCCESS) & too_many, errors.TOO_MANY_EVENTS, code)
         out_of_steps = state.num_accepted + state.num_rejected >= self.max_steps
         code = jnp.where((code == errors.SUCCESS) & out_of_steps, errors.MAX_STEPS_REACHED, code)
         if self.events is not None:  # with events fired, the message mentions them (Zeno)

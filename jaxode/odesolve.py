@@ -137,6 +137,7 @@ def odesolve(
     adjoint_interpolate: bool | None = None,
     reversible_coupling: float = 0.999,
     events: events.Event | list[events.Event] | None = None,
+    max_events: int | None = None,
 ):
     """Solves ``dz/dt = f(z, t, params)``, ``z(ts[0]) = z0`` and returns ``z`` at every ``ts``.
 
@@ -231,6 +232,12 @@ def odesolve(
             and the solve goes on (see ``jaxode.events``). ``info.event_time``,
             ``event_state``, ``event_index`` and ``num_events`` report them; every gradient
             mode differentiates through them.
+        max_events: the most events (terminal or not) the solve may fire, or ``None`` (default:
+            ``max_steps``, as each event ends a step); more fail the solve (status 7). With
+            non-terminal events ``gradient="adjoint"`` and ``"reversible"`` keep a record of
+            each event for the backward pass, allocated up front: ``max_events`` slots of
+            ``n`` (adjoint) or ``2n`` (reversible) numbers. Set it where ``max_steps × n`` is
+            too much memory.
 
     Returns:
         ``ys``, with the structure of ``z0`` and each leaf given a leading axis of length
@@ -258,7 +265,7 @@ def odesolve(
         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_seminorm=adjoint_seminorm,
         batched=batched, throw=throw, full_output=full_output, max_dt=max_dt, jump_ts=jump_ts,
         dense=dense, progress=progress, adjoint_interpolate=adjoint_interpolate,
-        reversible_coupling=reversible_coupling, events=events,
+        reversible_coupling=reversible_coupling, events=events, max_events=max_events,
     )
     z0, ts = _checked_inputs(z0, ts)
     checked = all(errors.is_concrete(x) for x in (ts, rtol, atol, *jax.tree_util.tree_leaves(z0)))
@@ -268,7 +275,8 @@ def odesolve(
 
 def _config(opts: Options) -> Config:
     return Config(opts.method, opts.max_steps, opts.adjoint_seminorm, opts.throw, opts.batched,
-                  opts.dense, opts.progress, opts.interpolate, opts.reversible_coupling, opts.events)
+                  opts.dense, opts.progress, opts.interpolate, opts.reversible_coupling, opts.events,
+                  opts.max_events)
 
 
 def _checked_inputs(z0, ts):
@@ -353,7 +361,8 @@ def _with_events(f, z0, params, pb: _Problem, cfg: Config, gradient: str):
     y_one = pb.y0[0] if cfg.batched else pb.y0
     ravel = lambda tree: ravel_pytree(_real_view(tree))[0]
     field, diff, nondiff, flat = events.attach(
-        cfg.events, pb.field, pb.diff, pb.nondiff, z_one, pb.ts[0], y_one, params, pb.unravel, ravel
+        cfg.events, pb.field, pb.diff, pb.nondiff, z_one, pb.ts[0], y_one, params, pb.unravel, ravel,
+        cfg.max_events,
     )
     mode = event_adjoint.solve if gradient == "adjoint" else MODES[gradient]
     return field, diff, nondiff, cfg._replace(events=flat), mode

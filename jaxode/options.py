@@ -57,6 +57,7 @@ class Options:
             integrating it backwards (default ``None``: for implicit methods only).
         reversible_coupling: ``λ`` of ``gradient="reversible"``, in ``(0, 1]`` (default 0.999).
         events: a ``jaxode.Event`` or a list of them (default ``None``), held as a tuple.
+        max_events: the most events a solve may fire (default ``None``: ``max_steps``).
     """
 
     solver: str | ButcherTableau | Method = "tsit5"
@@ -78,6 +79,7 @@ class Options:
     adjoint_interpolate: bool | None = None
     reversible_coupling: float = 0.999
     events: Any = None
+    max_events: int | None = None
 
     def __post_init__(self):
         if self.gradient not in MODES:
@@ -89,6 +91,7 @@ class Options:
         if self.jump_ts is not None:
             object.__setattr__(self, "jump_ts", errors.check_jump_ts(self.jump_ts))
         object.__setattr__(self, "events", events.check_events(self.events))
+        object.__setattr__(self, "max_events", events.check_max_events(self.max_events, self.events))
         for name in _FLAGS:
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):

@@ -35,9 +35,9 @@ those of ``y⁺`` and ``ŷ⁺``; at a terminal event, those of ``info.event_stat
 output (``events.root``'s rule, as the ``"backprop"`` mode does), and the update by its
 ``vjp``: the discrete counterpart of the adjoint's jump condition (``jaxode.event_adjoint``),
 exact for the computed solution. Memory: with terminal events only, one recorded step; with
-non-terminal ones the record has ``max_steps`` slots (each event ends a step) of ``2n + 4``
-numbers, written only at events. Step sizes held fixed: the steps after an event start at
-``s*`` and move with it.
+non-terminal ones the record has ``max_events`` slots (by default ``max_steps``: each event ends
+a step) of ``2n + 4`` numbers, written only at events. Step sizes held fixed: the steps after
+an event start at ``s*`` and move with it.
 
 Reverse mode only (``jax.jvp`` raises JAX's custom_vjp error). Under ``jax.vmap`` and with
 ``batched=True`` each problem replays its own steps; the parameter cotangents are summed over
@@ -101,9 +101,9 @@ def check_options(method: Method, coupling: float, dense: bool, jump_ts) -> Reve
 
 
 def _event_slots(cfg: Config) -> int:
-    """Slots of the event record: one per event that fired (each ends a step, so ``max_steps``
-    of them where an event can restart the solve; one, the terminal event, otherwise)."""
-    return 1 if all(cfg.events.terminal) else cfg.max_steps
+    """Slots of the event record: one per event that fired (``max_events``, by default
+    ``max_steps``, where an event can restart the solve; one, the terminal event, otherwise)."""
+    return 1 if all(cfg.events.terminal) else events_module.record_slots(cfg.max_events, cfg.max_steps)
 
 
 def _names_the_event(cfg: Config) -> bool:

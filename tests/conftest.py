@@ -166,6 +166,9 @@ SLOW_BUDGET_2 = {  # the clean-clone default run reached ~10 min with this sessi
     "tests/test_gradient_failures.py::test_hessian[adjoint]",
     # test_rosenbrock.py::test_jit_vmap_batched_agree (the implicit methods' shared batch path)
     "tests/test_esdirk.py::test_jit_vmap_and_batched_agree",
+    # its [adjoint] and [reversible] cases (the modes with a record; the failure is the loop's)
+    "tests/test_events.py::test_max_events[backprop]",
+    "tests/test_events.py::test_max_events[checkpoint]",
 }
 SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run also pins down
     "tests/test_adjoint.py::test_seminorm_saves_backward_steps_at_equal_accuracy",

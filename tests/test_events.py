@@ -286,6 +286,40 @@ def test_event_parameters_held_by_an_equinox_condition():
     np.testing.assert_allclose(jax.grad(t_star)(jnp.array(2.0)), exact, rtol=1e-7)
 
 
+@pytest.mark.parametrize("mode", [*MODES, "reversible"])
+def test_max_events(mode):
+    """``max_events`` = the events that fire (2): the same outputs and gradient as without it,
+    bit for bit; one fewer: the solve fails naming ``max_events`` (raised under jit, gradient
+    included), or NaN outputs and gradient with ``throw=False``."""
+
+    def loss(e, max_events, throw=True):
+        ys = jaxode.odesolve(ball, jnp.array([H0, 0.0, 0.0]), jnp.linspace(0.0, 5.0, 3), {"g": G, "e": e},
+                             events=BOUNCE, gradient=mode, max_events=max_events, throw=throw, **TOL)
+        return ys[-1, 0] + ys[-1, 2]
+
+    value, grad = jax.jit(jax.value_and_grad(lambda e: loss(e, None)))(E)
+    value2, grad2 = jax.jit(jax.value_and_grad(lambda e: loss(e, 2)))(E)
+    assert float(value) == float(value2) and float(grad) == float(grad2)
+    assert np.isfinite(float(grad))
+    value1, grad1 = jax.jit(jax.value_and_grad(lambda e: loss(e, 1, False)))(E)
+    assert np.isnan(float(value1)) and np.isnan(float(grad1))
+    with pytest.raises(Exception, match="more events fired than max_events"):
+        jax.jit(jax.grad(lambda e: loss(e, 1)))(E)
+
+
+def test_max_events_status_and_bad_input():
+    solve = lambda **kw: jaxode.odesolve(ball, jnp.array([H0, 0.0, 0.0]), jnp.array([0.0, 5.0]), PARAMS,
+                                         full_output=True, throw=False, **kw)
+    ys, info = solve(events=BOUNCE, max_events=1)
+    assert int(info.status) == errors.TOO_MANY_EVENTS and int(info.num_events) == 2
+    assert np.all(np.isnan(np.asarray(ys[-1])))
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="max_events must be a positive int"):
+            solve(events=BOUNCE, max_events=bad)
+    with pytest.raises(ValueError, match="pass events= too"):
+        solve(max_events=3)
+
+
 def test_bad_input():
     z0, ts = jnp.array([H0, 0.0, 0.0]), jnp.array([0.0, 1.0])
     solve = lambda ev: jaxode.odesolve(ball, z0, ts, PARAMS, events=ev)

@@ -262,16 +262,17 @@ def test_zeno_fails_the_gradient():
         jax.jit(jax.grad(lambda p: loss(p, True)))(p)
 
 
-def _temp_bytes(t1, max_steps, n=1024):
-    """XLA's temporary memory of jit(grad) of a float32 solve of n states with a terminal event."""
+def _temp_bytes(t1, max_steps, n=1024, event=None, max_events=None, gradient="reversible"):
+    """XLA's temporary memory of jit(grad) of a float32 solve of n states with an event (by
+    default terminal)."""
     z0 = jnp.full((n,), 0.3, jnp.float32)
     ts = jnp.linspace(0.0, t1, 3).astype(jnp.float32)
     field = lambda z, t, p: jnp.tanh(p * z) - 0.5 * z
-    event = jaxode.Event(lambda z, t, p: z[0] - 0.1)
+    event = jaxode.Event(lambda z, t, p: z[0] - 0.1) if event is None else event
 
     def loss(p):
         ys = jaxode.odesolve(field, z0, ts, p, rtol=1e-5, atol=1e-5, max_steps=max_steps,
-                             gradient="reversible", events=event)
+                             gradient=gradient, events=event, max_events=max_events)
         return jnp.sum(jnp.where(jnp.isfinite(ys), ys, 0) ** 2)
 
     return jax.jit(jax.grad(loss)).lower(jnp.float32(0.9)).compile().memory_analysis().temp_size_in_bytes
@@ -280,10 +281,27 @@ def _temp_bytes(t1, max_steps, n=1024):
 def test_memory_with_a_terminal_event_does_not_grow_with_the_steps():
     """As without events (tests/test_reversible.py): equal at t1 = 1 and 64, and from max_steps
     256 to 4096 growth by the step-time record only (at most 2 × 4 bytes per step; measured
-    6.1; one 4 KiB state per step would be 4096). (With a non-terminal event the record has
-    max_steps slots of 2n numbers: measured 8210 bytes per step here.)"""
+    6.1; one 4 KiB state per step would be 4096)."""
     assert _temp_bytes(1.0, 256) == _temp_bytes(64.0, 256)
     assert _temp_bytes(1.0, 4096) - _temp_bytes(1.0, 256) <= 2 * 4 * (4096 - 256)
+
+
+RESET = jaxode.Event(lambda z, t, p: z[0] - 0.5, direction=1, terminal=False, update=lambda z, t, p: z - 0.3)
+
+
+@pytest.mark.parametrize("gradient", ["reversible", "adjoint"])
+def test_max_events_bounds_the_memory_of_the_reset_record(gradient):
+    """With a non-terminal event the record of the resets (reversible: ``(y, ŷ)`` of each event
+    step, 2n numbers; adjoint: the state before each update, n) has ``max_steps`` slots, or
+    ``max_events``: from max_steps 256 to 4096 it then grows by the step-time record only
+    (reversible; at most 2 × 4 bytes per step) or not at all (adjoint), where without it the
+    record alone grows by 4n (adjoint) or 8n bytes (reversible) per unit of max_steps."""
+    record = {"reversible": 8 * 1024, "adjoint": 4 * 1024}[gradient]
+    step_times = {"reversible": 2 * 4, "adjoint": 0}[gradient]
+    grow = lambda **kw: (_temp_bytes(1.0, 4096, event=RESET, gradient=gradient, **kw)
+                         - _temp_bytes(1.0, 256, event=RESET, gradient=gradient, **kw)) / (4096 - 256)
+    assert grow(max_events=8) <= step_times
+    assert grow() >= record
 
 
 @pytest.mark.slow  # the closure conversion is the events module's, shared by every mode
