@@ -119,6 +119,28 @@ def _max_in_batch_rule(axis_size, in_batched, x):
     return (jnp.max(x) if in_batched[0] else x), False
 
 
+@jax.custom_batching.custom_vmap
+def _advance(going: Array, new: Any, old: Any) -> Any:
+    """A loop's next carry ``new``, run by a loop body only where ``going`` holds; under
+    ``jax.vmap``, where the loop runs on for the other elements of the batch, ``new`` where the
+    element's ``going`` holds and ``old`` where it is done (a select of the carry it is given,
+    only)."""
+    return new
+
+
+@_advance.def_vmap
+def _advance_rule(axis_size, in_batched, going, new, old):
+    batched = lambda x, b: x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+    going = batched(going, in_batched[0])
+
+    def pick(n, o, n_batched, o_batched):
+        n, o = batched(n, n_batched), batched(o, o_batched)
+        return jnp.where(going.reshape((axis_size,) + (1,) * (n.ndim - 1)), n, o)
+
+    out = jax.tree_util.tree_map(pick, new, old, in_batched[1], in_batched[2])
+    return out, jax.tree_util.tree_map(lambda _: True, out)
+
+
 def hoist(fn: Callable, *example) -> tuple[Callable, list]:
     """``fn`` as a function of the arrays it closes over: returns ``(run, consts)`` with
     ``run(consts, *args) == fn(*args)`` for arguments like ``example``. For the custom rules
@@ -182,16 +204,22 @@ def custom_vjp_while(
 
     def forward_loop(consts, c, o, tape):
         body_c, fast_c, cond_c = consts
+        within_budget = lambda s: run_cond(cond_c, s[0]) & (s[3] < max_steps)
 
         def step(state):
             c, o, tape, k = state
+            going = within_budget(state)  # False only for an element done while others go on
             if tape is not None:
-                tape = _record(tape, c, k, num_slots)
-            c, o = run_fast(fast_c, c, o)
-            return c, o, tape, k + 1
+                tape = _record(tape, c, k, num_slots, going)
+            new_c, new_o = run_fast(fast_c, c, o)
+            c, o, k = _advance(going, (new_c, new_o, k + 1), (c, o, k))
+            return c, o, tape, k
 
-        within_budget = lambda s: run_cond(cond_c, s[0]) & (s[3] < max_steps)
-        return lax.while_loop(within_budget, step, (c, o, tape, jnp.zeros((), jnp.int32)))
+        # under jax.vmap the loop runs while any element goes on, and each element's carry stops
+        # by ``_advance``: JAX's own rule (a batched predicate) would select between the old and
+        # the new tape, a copy of all K slots of every carry leaf at every iteration
+        running = lambda s: max_in_batch(within_budget(s))
+        return lax.while_loop(running, step, (c, o, tape, jnp.zeros((), jnp.int32)))
 
     @jax.custom_vjp
     def run(c, o, consts):
@@ -319,10 +347,10 @@ def custom_vjp_while(
     return carry_tree.unflatten(c), out_tree.unflatten(o)
 
 
-def _record(tape: _Tape, carry: list, iteration: Array, num_slots: int) -> _Tape:
-    """Checkpoints ``carry`` if ``iteration`` is a multiple of the stride; when the slots are
-    full, keeps every other one and doubles the stride."""
-    due = iteration % tape.stride == 0
+def _record(tape: _Tape, carry: list, iteration: Array, num_slots: int, going=True) -> _Tape:
+    """Checkpoints ``carry`` if ``iteration`` is a multiple of the stride (and the element
+    ``going`` on); when the slots are full, keeps every other one and doubles the stride."""
+    due = (iteration % tape.stride == 0) & going
     # always written: when not due, into the next free slot, which the next checkpoint overwrites
     slots = [s.at[tape.count].set(x) for s, x in zip(tape.slots, carry)]
     count = tape.count + due.astype(tape.count.dtype)

@@ -74,6 +74,83 @@ def test_custom_vjp_while_equals_the_unrolled_loop(max_steps):
 
 
 @pytest.mark.parametrize("max_steps", [13, 40])
+def test_custom_vjp_while_under_vmap_each_element_its_own_iterations(max_steps):
+    """The loop of the test above under ``jax.vmap`` with a different ``n`` per element (5, 17
+    and 40 iterations, cut at ``max_steps``): values and gradients equal each element's
+    unrolled loop, so an element that is done stops (its carry, outputs and checkpoints) while
+    the others go on, also when the others overfill their checkpoint slots."""
+    ns = (5, 17, 40)
+
+    def run(x0, outputs, a, c, n):
+        def body(carry, outputs):
+            i, x = carry
+            return (i + 1, x * a + c), outputs.at[i].set(x * c)
+
+        (_, x), outputs = custom_vjp_while(lambda carry: carry[0] < n, body, (jnp.asarray(0), x0), outputs,
+                                           max_steps)
+        return x, outputs
+
+    def unrolled(x0, outputs, a, c, n):
+        x = x0
+        for i in range(min(n, max_steps)):
+            outputs = outputs.at[i].set(x * c)
+            x = x * a + c
+        return x, outputs
+
+    def loss(run_one, x0, outputs, a, c, n):
+        x, outputs = run_one(x0, outputs, a, c, n)
+        return jnp.sin(x) + jnp.sum(jnp.cos(outputs) * jnp.arange(1.0, 41.0))
+
+    x0s, outputs = jnp.array([0.3, -0.1, 0.5]), jnp.full((3, 40), 0.7)
+    a, c = jnp.array(1.05), jnp.array(-0.2)
+    got = jax.jit(jax.grad(lambda x0s, outputs, a, c: jnp.sum(jax.vmap(
+        lambda x0, o, n: loss(run, x0, o, a, c, n))(x0s, outputs, jnp.array(ns))), argnums=(0, 1, 2, 3)))(
+        x0s, outputs, a, c)
+    want = [jax.grad(lambda *args: loss(unrolled, *args, n), argnums=(0, 1, 2, 3))(x0s[i], outputs[i], a, c)
+            for i, n in enumerate(ns)]
+    np.testing.assert_allclose(got[0], [w[0] for w in want], rtol=1e-12)
+    np.testing.assert_allclose(got[1], np.stack([w[1] for w in want]), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got[2], sum(w[2] for w in want), rtol=1e-12)
+    np.testing.assert_allclose(got[3], sum(w[3] for w in want), rtol=1e-12)
+    values = jax.vmap(lambda x0, o, n: run(x0, o, a, c, n)[1])(x0s, outputs, jnp.array(ns))
+    for i, n in enumerate(ns):
+        np.testing.assert_allclose(values[i], unrolled(x0s[i], outputs[i], a, c, n)[1], rtol=1e-15)
+
+
+def _while_loops(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            yield eqn
+        for value in eqn.params.values():
+            for v in value if isinstance(value, tuple) else (value,):
+                sub = v.jaxpr if isinstance(v, jax.extend.core.ClosedJaxpr) else v
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _while_loops(sub)
+
+
+def test_vmapped_checkpoint_loop_copies_no_checkpoint_slots():
+    """Under ``jax.vmap`` the taped forward loop of ``gradient="checkpoint"`` runs on an
+    unbatched predicate (any element still going), each element's carry and checkpoints
+    stopping by themselves: with a batched predicate XLA selects between the old and the new
+    carry at every iteration, a copy of all K checkpoint slots of every carry leaf per step, a
+    cost growing with ``sqrt(max_steps)`` (measured on a vmapped 2-state neural field at
+    max_steps 4096: 5.5 ms per gradient before, 4.3 after). The taped loop is the one that
+    carries arrays with K rows (the reverse pass reads them as constants)."""
+    slots = 2 * int(np.ceil(np.sqrt(2 * 4096)))  # K at max_steps = 4096
+
+    def loss(k):
+        solve = lambda z0: jaxode.odesolve(lambda z, t, k: -k * z, z0, TS, k, gradient="checkpoint")
+        return jnp.sum(jax.vmap(solve)(jnp.array([[1.0], [2.0], [0.5]])))
+
+    loops = list(_while_loops(jax.make_jaxpr(jax.grad(loss))(0.7).jaxpr))
+    carried = lambda w: w.params["body_jaxpr"].jaxpr.invars[w.params["body_nconsts"]:]
+    taped = [w for w in loops if any(slots in getattr(v.aval, "shape", ()) for v in carried(w))]
+    assert taped, "the taped loop was not found"
+    for loop in taped:
+        assert loop.params["cond_jaxpr"].out_avals[0].shape == ()
+
+
+@pytest.mark.parametrize("max_steps", [13, 40])
 def test_custom_vjp_while_second_derivatives(max_steps):
     """x <- x * a + c for 40 iterations (at most max_steps): ∂²x/∂a² and ∂²x/∂a∂c, by reverse
     over reverse and forward over reverse, equal the unrolled loop's (the checkpoint slots
