@@ -232,8 +232,8 @@ def odesolve(
             and the solve goes on (see ``jaxode.events``). ``info.event_time``,
             ``event_state``, ``event_index`` and ``num_events`` report them; every gradient
             mode differentiates through them.
-        max_events: the most events (terminal or not) the solve may fire, or ``None`` (default:
-            ``max_steps``, as each event ends a step); more fail the solve (status 7). With
+        max_events: the most events (terminal or not) the solve may fire; ``None`` (default)
+            allows ``max_steps`` of them, as each event ends a step; more fail the solve (status 7). With
             non-terminal events ``gradient="adjoint"`` and ``"reversible"`` keep a record of
             each event for the backward pass, allocated up front: ``max_events`` slots of
             ``n`` (adjoint) or ``2n`` (reversible) numbers. Set it where ``max_steps × n`` is
