@@ -50,7 +50,10 @@ around a plain ``lax.while_loop``, whose cost does not depend on ``max_steps``:
   twice that costs ~40% more of it and spares the recomputation up to twice as many steps.)
 
 Under ``jax.vmap`` each element keeps its own checkpoints; the loops run until the last
-element is done.
+element is done. The forward loop's predicate is then "some element goes on" (``max_in_batch``)
+and each element's carry stops by itself (``_advance``): with JAX's rule for a batched
+predicate, XLA would select between the old and new carry, all K slots included, at every
+iteration, a cost that grew with ``sqrt(max_steps)``.
 """
 
 from __future__ import annotations
