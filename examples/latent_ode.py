@@ -8,8 +8,9 @@ Each spiral is observed at ``n`` (30, 50 or 100) grid times of the window drawn 
 (irregular gaps), with Gaussian noise of std 0.1. That is the noise of the paper's reference code
 (torchdiffeq's ``examples/latent_ode.py``: std 0.3; its counter-clockwise spiral is
 ``r = 0.3 θ``, so the noise equals the radius's growth per radian; ours grow by 0.1 per radian,
-and the noise is ~10% of the mean observed radius in both). The first version used 0.05, at which the RNN ties the latent ODE with all 100 points
-observed (README); ``--noise 0.05`` runs it.
+and the noise is ~10% of the mean observed radius in both). The first version used 0.05, at
+which the RNN ties the latent ODE with all 100 points observed (README); ``--noise 0.05`` runs
+it.
 
 The latent ODE (a variational auto-encoder): an encoder GRU (25 units) runs backwards over
 the observations, taking each point and the time gap to the previous one, and gives the
