@@ -89,3 +89,15 @@ def bouncing_exact(h, g, e, t, bounces: int):
     tk = t1 + sum(2 * e**j * v1 / g for j in range(1, bounces))
     s = t - tk
     return e**bounces * v1 * s - g * s**2 / 2, tk
+
+
+def sub_jaxprs(eqn) -> list:
+    """The jaxprs an equation holds (a loop's cond and body, a cond's branches, a call's)."""
+    out = []
+    for value in eqn.params.values():
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                out.append(v.jaxpr)
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                out.append(v)
+    return out

@@ -7,7 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from grad_utils import PARAMS, TS, Z0, central_difference, forced_oscillator, relative_error, weighted_loss
+from grad_utils import (
+    PARAMS,
+    TS,
+    Z0,
+    central_difference,
+    forced_oscillator,
+    relative_error,
+    sub_jaxprs,
+    weighted_loss,
+)
 from test_rosenbrock import A_STIFF, _manufactured, _radau, _van_der_pol, _vdp_numpy
 
 import jaxode
@@ -93,19 +102,8 @@ def test_vmap_mixed_batch():
     np.testing.assert_allclose(np.asarray(ys[..., 0]), exact, atol=1e-5)
 
 
-def _sub_jaxprs(eqn) -> list:
-    out = []
-    for value in eqn.params.values():
-        for v in value if isinstance(value, tuple) else (value,):
-            if isinstance(v, jax.extend.core.ClosedJaxpr):
-                out.append(v.jaxpr)
-            elif isinstance(v, jax.extend.core.Jaxpr):
-                out.append(v)
-    return out
-
-
 def _has(jaxpr, primitive: str) -> bool:
-    return any(e.primitive.name == primitive or any(_has(s, primitive) for s in _sub_jaxprs(e))
+    return any(e.primitive.name == primitive or any(_has(s, primitive) for s in sub_jaxprs(e))
                for e in jaxpr.eqns)
 
 
@@ -117,7 +115,7 @@ def _per_step_choices(jaxpr) -> int:
         if eqn.primitive.name == "cond":
             branches = [b.jaxpr for b in eqn.params["branches"]]
             count += any(_has(b, "lu") for b in branches) and not any(_has(b, "while") for b in branches)
-        count += sum(_per_step_choices(sub) for sub in _sub_jaxprs(eqn))
+        count += sum(_per_step_choices(sub) for sub in sub_jaxprs(eqn))
     return count
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from grad_utils import PARAMS, TOL, TS, Z0, central_difference, forced_oscillator, weighted_loss
+from grad_utils import PARAMS, TOL, TS, Z0, central_difference, forced_oscillator, sub_jaxprs, weighted_loss
 from jax import lax
 
 import jaxode
@@ -121,11 +121,8 @@ def _while_loops(jaxpr):
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "while":
             yield eqn
-        for value in eqn.params.values():
-            for v in value if isinstance(value, tuple) else (value,):
-                sub = v.jaxpr if isinstance(v, jax.extend.core.ClosedJaxpr) else v
-                if isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from _while_loops(sub)
+        for sub in sub_jaxprs(eqn):
+            yield from _while_loops(sub)
 
 
 def test_vmapped_checkpoint_loop_copies_no_checkpoint_slots():

@@ -169,9 +169,10 @@ class AutoSwitch(Method):
         # only what differs leaves the cond (the quadrature nodes follow outside it, and are
         # dropped by XLA where nothing uses them)
         if self.phase is None:
-            y_new, f_new, error, coefficients, nfe, num_jac, h_rho = lax.cond(state.stiff, implicit, explicit)
+            chosen = lax.cond(state.stiff, implicit, explicit)
         else:
-            y_new, f_new, error, coefficients, nfe, num_jac, h_rho = implicit() if self.phase else explicit()
+            chosen = implicit() if self.phase else explicit()
+        y_new, f_new, error, coefficients, nfe, num_jac, h_rho = chosen
         nodes = simpson_nodes(t, y, h, t_end, coefficients, y_new)
         result = StepResult(y_new, f_new, error, coefficients, nodes, nfe, num_jac, ())
         return result._replace(state=self._vote(state, lax.stop_gradient(h_rho)))
