@@ -96,7 +96,30 @@ def backward(
 
 
 def backward_batched(field: FlatField, ys, ts, diff, nondiff, ct_ys, controls: Controls, cfg: Config):
-    """``backward`` for a batch sharing its parameters: ``ys``, ``ct_ys`` of shape ``(B, T, n)``.
+    """``backward`` for a batch sharing its parameters: ``ys``, ``ct_ys`` of shape ``(B, T, n)``
+    (the backward solve: ``shared_backsolve``)."""
+    batch, num_out, n = ys.shape
+    zeros = jnp.zeros((batch, n), ys.dtype)
+    states, ct_theta = shared_backsolve(
+        field, ys, jnp.broadcast_to(ts, (batch, num_out)), diff, nondiff, ct_ys, zeros, controls, cfg
+    )
+    y = states.y
+    f_out = jax.vmap(jax.vmap(lambda yi, ti: field(yi, ti, diff, nondiff)), (0, None))
+    ct_t = jnp.sum(ct_ys[:, 1:] * f_out(ys[:, 1:], ts[1:]), axis=2)
+    ct_t0 = y[:, -1] - jnp.sum(ct_t, axis=1)
+    ct_ts = jnp.concatenate([jnp.sum(ct_t0)[None], jnp.sum(ct_t, axis=0)]).astype(ts.dtype)
+    info = jax.vmap(lambda s: _backward_info(s, ts))(states)
+    return y[:, n : 2 * n], ct_ts, ct_theta, info
+
+
+def shared_backsolve(
+    field: FlatField, ys, ts, diff, nondiff, ct_ys, a_start, controls: Controls, cfg: Config
+):
+    """The backward solves of a batch sharing its parameters: ``(states, ∂L/∂diff)``.
+
+    ``ys``, ``ct_ys``: ``(B, T, n)``; ``ts``: ``(B, T)``, each problem's output times;
+    ``a_start``: ``(B, n)``, added to ``a`` at ``ts[:, -1]`` (with ``ct_ys[:, -1]``).
+    ``states``: the final ``LoopState``s ``(B,)``, whose ``y`` is ``[z, a, a_t]`` at ``ts[:, 0]``.
 
     Each problem solves ``[z, a, a_t]`` backwards with its own step sizes (as under
     ``jax.vmap``), and the parameter adjoint of the whole batch,
@@ -121,15 +144,17 @@ def backward_batched(field: FlatField, ys, ts, diff, nondiff, ct_ys, controls: C
         gz, gt = vjp(y[n : 2 * n])
         return jnp.concatenate([fz, -gz, -gt[None].astype(dtype)])
 
-    def loop_for(ys_b, ct_b, dt0_b):
+    def loop_for(ys_b, ts_b, ct_b, a_b, dt0_b):
         ys_rev, ct_rev = ys_b[::-1], ct_b[::-1]
-        y_init = jnp.concatenate([ys_b[-1], ct_b[-1], jnp.zeros(1, dtype)])
+        y_init = jnp.concatenate([ys_b[-1], ct_b[-1] + a_b.astype(dtype), jnp.zeros(1, dtype)])
         return Loop(
-            augmented, y_init, ts[::-1], controls.rtol, controls.atol, dt0_b, method=method,
+            augmented, y_init, ts_b[::-1], controls.rtol, controls.atol, dt0_b, method=method,
             max_steps=cfg.max_steps, save_outputs=False, segments=((0, n), (n, 2 * n)),
             at_output=lambda i, y: y.at[:n].set(ys_rev[i]).at[n : 2 * n].add(ct_rev[i]),
             max_dt=controls.max_dt, jump_ts=controls.jump_ts,
         )
+
+    problems = (ys, ts, ct_ys, a_start, dt0s)
 
     weights = jnp.asarray(method.quadrature_weights, dtype)
 
@@ -154,10 +179,10 @@ def backward_batched(field: FlatField, ys, ts, diff, nondiff, ct_ys, controls: C
         cotangent = jnp.where(keep, -(record.h[:, None] * weights[None, :])[..., None] * a, 0)
         return vjp(cotangent.astype(dtype))[0]
 
-    def step_one(state, ys_b, ct_b, dt0_b):
+    def step_one(state, *problem):
         """One step attempt of a problem still running (else its state is kept), whether it is
         counted in the parameter adjoint (running and accepted), and where it started."""
-        loop = loop_for(ys_b, ct_b, dt0_b)
+        loop = loop_for(*problem)
         active = loop.running(state)
         new, record = loop.step(state)
         counted = active & (new.num_accepted > state.num_accepted)
@@ -166,23 +191,17 @@ def backward_batched(field: FlatField, ys, ts, diff, nondiff, ct_ys, controls: C
 
     def running_all(carry):
         states, _ = carry
-        return jnp.any(jax.vmap(lambda s, *a: loop_for(*a).running(s))(states, ys, ct_ys, dt0s))
+        return jnp.any(jax.vmap(lambda s, *a: loop_for(*a).running(s))(states, *problems))
 
     def body(carry):
         states, acc = carry
-        states, record, counted, y_start, t_start = jax.vmap(step_one)(states, ys, ct_ys, dt0s)
+        states, record, counted, y_start, t_start = jax.vmap(step_one)(states, *problems)
         return states, acc + parameter_increment(record, counted, y_start, t_start)
 
-    init = jax.vmap(lambda *a: loop_for(*a).init())(ys, ct_ys, dt0s)
+    init = jax.vmap(lambda *a: loop_for(*a).init())(*problems)
     states, ct_theta = jax.lax.while_loop(running_all, body, (init, jnp.zeros_like(theta)))
-    states = jax.vmap(lambda s, *a: loop_for(*a).finish(s))(states, ys, ct_ys, dt0s)
-    y = states.y
-    f_out = jax.vmap(jax.vmap(lambda yi, ti: field(yi, ti, diff, nondiff)), (0, None))
-    ct_t = jnp.sum(ct_ys[:, 1:] * f_out(ys[:, 1:], ts[1:]), axis=2)
-    ct_t0 = y[:, -1] - jnp.sum(ct_t, axis=1)
-    ct_ts = jnp.concatenate([jnp.sum(ct_t0)[None], jnp.sum(ct_t, axis=0)]).astype(ts.dtype)
-    info = jax.vmap(lambda s: _backward_info(s, ts))(states)
-    return y[:, n : 2 * n], ct_ts, unravel(ct_theta), info
+    states = jax.vmap(lambda s, *a: loop_for(*a).finish(s))(states, *problems)
+    return states, unravel(ct_theta)
 
 
 def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_tols, cfg: Config) -> Solution:
@@ -241,7 +260,7 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
     if cfg.batched or cfg.dense:  # (the shared rule below gives the dense steps no tangents)
         return _as_solution(_solve(*args))
     many = lambda *args: _solve_batched(field, cfg, *args)
-    return _as_solution(_shared_parameters_under_vmap(_solve, many, args))
+    return _as_solution(shared_parameters_under_vmap(_solve, many, args))
 
 
 def _backsolve(field, ys, ts, diff, nondiff, ct_ys, controls, bwd_controls, cfg, **options):
@@ -294,7 +313,7 @@ def _broadcast(tree, batched, axis_size):
     return jax.tree_util.tree_map(one, tree, batched)
 
 
-def _shared_parameters_under_vmap(one: Callable, many: Callable, args: tuple):
+def shared_parameters_under_vmap(one: Callable, many: Callable, args: tuple):
     """``one(*args)`` (the adjoint solve of one problem, ``args = (y0, ts, diff, ...)``), whose
     reverse mode under ``jax.vmap`` over ``y0`` alone is that of ``many`` (the ``batched=True``
     solve): one shared parameter adjoint for the whole batch, rather than one per problem.
@@ -307,6 +326,7 @@ def _shared_parameters_under_vmap(one: Callable, many: Callable, args: tuple):
     (linearized and transposed by ``many``'s ``custom_vjp``). Other batchings (``ts``, the
     parameters or the tolerances batched) take ``jax.jvp`` of ``jax.vmap(one)``. The
     parameters are then left out of the backward error control, as with ``batched=True``.
+    Tangents: of ``ys``, and with events of ``info.event_time`` and ``info.event_state``.
     """
 
     @jax.custom_jvp
@@ -325,8 +345,11 @@ def _shared_parameters_under_vmap(one: Callable, many: Callable, args: tuple):
     def _jvp(primals, tangents):
         if batch_traced(tangents):
             _check_no_batched_closure(one, primals)
-            (ys, info, dense), ys_dot = vmapped_jvp(primals, _float_tangents(tangents))
-            return (ys, info, dense), (ys_dot,) + jax.tree_util.tree_map(zero_cotangent, (info, dense))
+            (ys, info, dense), (ys_dot, time_dot, state_dot) = vmapped_jvp(primals, _float_tangents(tangents))
+            info_dot = jax.tree_util.tree_map(zero_cotangent, info)
+            if info.event_time is not None:
+                info_dot = info_dot._replace(event_time=time_dot, event_state=state_dot)
+            return (ys, info, dense), (ys_dot, info_dot, jax.tree_util.tree_map(zero_cotangent, dense))
         return jax.jvp(one, primals, tangents)
 
     return run(*args)
@@ -343,9 +366,10 @@ def _check_no_batched_closure(fn, args) -> None:
 
 
 def _jvp_of(fn, primals, tangents):
-    """``(fn(*primals), tangent of its first output)`` (the second, ``Info``, has none)."""
-    out, out_dot = jax.jvp(fn, primals, _all_tangents(primals, tangents))
-    return out, out_dot[0]
+    """``(fn(*primals), the tangents of ys, info.event_time, info.event_state)`` (``None``
+    for the last two without events; ``Info``'s other fields have none)."""
+    out, (ys_dot, info_dot, _) = jax.jvp(fn, primals, _all_tangents(primals, tangents))
+    return out, (ys_dot, info_dot.event_time, info_dot.event_state)
 
 
 def _batched_jvp(one, many, axis_size, in_batched, primals, tangents, folded=False):

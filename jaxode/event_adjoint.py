@@ -41,19 +41,24 @@ solve does; the backward solve of ``a`` lands on each and applies the jump above
 Second derivatives of this mode are not supported (a clear error; ``"backprop"`` has them).
 Memory: with a non-terminal event the record holds ``max_events`` slots of ``(τ, z⁻, index)``
 (by default ``max_steps``: each event ends a step), ``max_events × n`` numbers;
-``batched=True`` and ``jax.vmap`` run one backward solve per problem (per-problem parameter
-adjoints, summed by JAX). Not covered: an event exactly at an output time other than ``ts[-1]``
+``batched=True`` and ``jax.grad`` of ``jax.vmap`` over ``z0`` (the parameters shared): with
+terminal events only, one shared parameter adjoint for the batch (``backward_shared``, as the
+plain adjoint's ``batched=True``; the parameters then out of the backward error control); with
+a non-terminal event, one backward solve per problem (per-problem parameter adjoints, summed
+by JAX). Not covered: an event exactly at an output time other than ``ts[-1]``
 is applied there too; one exactly at ``ts[-1]`` (non-terminal) is not.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import Array, lax
 from jax.flatten_util import ravel_pytree
 
-from . import errors, interpolated_adjoint
+from . import adjoint, errors, interpolated_adjoint
 from . import events as events_module
 from .drivers import integrate
 from .forward import Config, Controls, FlatField, Solution
@@ -77,19 +82,42 @@ def _forward(field: FlatField, y0, ts, diff, nondiff, controls: Controls, cfg: C
 
 def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_tols, cfg: Config) -> Solution:
     """The forward ``Solution`` with events, differentiated by the backward adjoint solve with
-    the jump conditions (module docstring). ``batched``: ``jax.vmap`` of one problem's solve."""
+    the jump conditions (module docstring). ``batched``: ``jax.vmap`` of one problem's solve.
+
+    With terminal events only, ``jax.grad`` of ``jax.vmap`` over ``y0`` (shared parameters)
+    runs ``_solve_shared``: the backward solves accumulate one parameter adjoint for the whole
+    batch (``adjoint.shared_backsolve``), as the plain adjoint does.
+    """
     if cfg.batched:
         single = cfg._replace(batched=False)
         one = lambda y: solve(field, y, ts, diff, nondiff, controls, adjoint_tols, single)
         return jax.vmap(one)(y0)
+    args = (y0, ts, diff, nondiff, controls, adjoint_tols)
+    run_one = _custom_solve(field, cfg, backward)
+    if all(cfg.events.terminal) and not (cfg.interpolate or cfg.dense):
+        run_many = _custom_solve(field, cfg, backward_shared, batch=True)
+        out = adjoint.shared_parameters_under_vmap(run_one, run_many, args)
+    else:
+        out = run_one(*args)
+    return Solution(*out, None)
+
+
+def _custom_solve(field: FlatField, cfg: Config, backward_fn, batch: bool = False):
+    """The solve ``(y0, ts, diff, nondiff, controls, adjoint_tols) -> (ys, info, dense)`` as a
+    ``custom_vjp`` whose reverse pass is ``backward_fn`` (``backward``, or ``backward_shared``
+    with ``batch``: ``y0`` of shape ``(B, n)``, one forward solve per problem)."""
+
+    def forward(y0, ts, diff, nondiff, controls, record):
+        run = lambda y: _forward(field, y, ts, diff, nondiff, controls, cfg, record=record)
+        return jax.vmap(run)(y0) if batch else run(y0)
 
     @jax.custom_vjp
     def _solve(y0, ts, diff, nondiff, controls, adjoint_tols):
-        state, info = _forward(field, y0, ts, diff, nondiff, controls, cfg, record=False)
+        state, info = forward(y0, ts, diff, nondiff, controls, record=False)
         return state.ys, info, state.dense
 
     def _fwd(y0, ts, diff, nondiff, controls, adjoint_tols):
-        state, info = _forward(field, y0, ts, diff, nondiff, controls, cfg, record=True)
+        state, info = forward(y0, ts, diff, nondiff, controls, record=True)
         dt0 = state.h if cfg.method.adaptive else controls.dt0
         bwd_controls = controls._replace(rtol=adjoint_tols[0], atol=adjoint_tols[1], dt0=dt0)
         ev = state.event
@@ -100,22 +128,24 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
     def _bwd(residuals, cotangents):
         ys, info, record, y0, ts, diff, nondiff, controls, adjoint_tols, bwd_controls = residuals
         ct_ys, ct_info, ct_dense = cotangents
-        ct_y0, ct_ts, ct_diff, bwd_status = _not_differentiable(lambda *a: backward(field, cfg, *a))(
+        ct_y0, ct_ts, ct_diff, bwd_status = _not_differentiable(lambda *a: backward_fn(field, cfg, *a))(
             ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info, bwd_controls, controls
         )
+        # per problem (batch: (B,)); the shared cotangents fail if any problem failed
         status = jnp.where(info.status != errors.SUCCESS, info.status, bwd_status)
         status = errors.dense_not_differentiated(ct_dense, status)
         if cfg.throw:
-            ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), status)
+            ct_y0, ct_ts, ct_diff = errors.raise_on_failure((ct_y0, ct_ts, ct_diff), jnp.max(status))
         else:
-            nan_if_failed = lambda x: jnp.where(status != errors.SUCCESS, jnp.nan, x)
-            ct_y0, ct_ts, ct_diff = jax.tree_util.tree_map(nan_if_failed, (ct_y0, ct_ts, ct_diff))
+            any_failed = jnp.max(status) != errors.SUCCESS
+            nan_if = lambda x: jnp.where(any_failed, jnp.nan, x)
+            ct_ts, ct_diff = jax.tree_util.tree_map(nan_if, (ct_ts, ct_diff))
+            ct_y0 = jnp.where((status != errors.SUCCESS)[..., None], jnp.nan, ct_y0)
         zeros = jax.tree_util.tree_map(zero_cotangent, (nondiff, controls, adjoint_tols))
         return (ct_y0, ct_ts, ct_diff) + zeros
 
     _solve.defvjp(_fwd, _bwd)
-    ys, info, dense = _solve(y0, ts, diff, nondiff, controls, adjoint_tols)
-    return Solution(ys, info, dense, None)
+    return _solve
 
 
 _SECOND_DERIVATIVES = (
@@ -133,55 +163,126 @@ def _zero_if_none(ct, like):
     return jnp.zeros_like(like) if ct is None or getattr(ct, "dtype", None) == jax.dtypes.float0 else ct
 
 
+class _Start(NamedTuple):
+    """One problem's backward solve: its grid (the outputs reached; the others at ``τ``, with
+    no cotangent) and where it starts (module docstring, terminal event)."""
+
+    ts: Array  # (T,)
+    ys: Array  # (T, n)
+    ct: Array  # (T, n): ∂L/∂ys, zero where not reached
+    a_end: Array  # (n,): a(τ⁻) (terminal event) or ∂L/∂event_state, before ct[-1]
+    kappa: Array  # the terminal jump's κ, 0 without a terminal event
+    ct_end: Array  # ∂L/∂event_state
+    ct_tau: Array  # ∂L/∂event_time
+    stopped: Array  # whether a terminal event ended the solve
+    index: Array  # which
+
+
+def _start(f_at, cond_at, ts, ys, ct_ys, tau, z_end, ct_tau, ct_end, stopped, index, dtype) -> _Start:
+    """The backward solve's ``_Start`` of one problem; ``f_at(z, t)``, ``cond_at(k, z, t)``:
+    the field and the ``k``-th condition at the parameters; ``tau``, ``z_end``: the event time
+    and state, ``ct_tau``, ``ct_end`` their cotangents; ``stopped``, ``index``: the terminal
+    event's record."""
+    num_out, _ = ys.shape
+    ct_tau, ct_end = ct_tau.astype(dtype), ct_end.astype(dtype)
+    ct_ys = jnp.where(jnp.isfinite(ys), ct_ys, 0).astype(ys.dtype)  # outputs not reached
+    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(ts.dtype)
+    reached = (direction * ts <= direction * tau) | (jnp.arange(num_out) == 0)
+
+    def terminal():
+        f_end = f_at(z_end, tau).astype(dtype)
+        c_z, c_t = jax.grad(lambda z, t: cond_at(index, z, t), argnums=(0, 1))(z_end, tau)
+        cdot = jnp.dot(c_z.astype(dtype), f_end) + c_t.astype(dtype)
+        kappa = (jnp.dot(ct_end, f_end) + ct_tau) / cdot
+        return ct_end - kappa * c_z.astype(dtype), kappa
+
+    a_end, kappa = lax.cond(stopped, terminal, lambda: (ct_end, jnp.zeros((), dtype)))
+    return _Start(
+        ts=jnp.where(reached, ts, tau), ys=jnp.where(reached[:, None], ys, z_end),
+        ct=jnp.where(reached[:, None], ct_ys, 0).astype(dtype), a_end=a_end, kappa=kappa,
+        ct_end=ct_end, ct_tau=ct_tau, stopped=stopped, index=index,
+    )
+
+
+def _terminal_parameters(cond_at, start: _Start, z_end, tau, theta):
+    """``a_θ(τ⁻) = -κ c_θ`` of the terminal jump (module docstring); ``cond_at(k, z, t, θ)``."""
+    c, vjp = jax.vjp(lambda th: cond_at(start.index, z_end, tau, th), theta)
+    return vjp(-start.kappa.astype(c.dtype))[0]
+
+
+def _time_cotangents(start: _Start, fs, a0, ts_dtype):
+    """``∂L/∂ts`` from ``a(t_0)`` (``ct[0]`` included); ``fs``: the field at ``start``'s
+    outputs (module docstring)."""
+    ct_t = jnp.sum(start.ct * fs, axis=1)
+    last = jnp.where(start.stopped, 0, jnp.dot(start.ct_end, fs[-1]) + start.ct_tau)
+    ct_t = ct_t.at[-1].add(last)
+    return ct_t.at[0].set(-jnp.dot(a0 - start.ct[0], fs[0])).astype(ts_dtype)
+
+
+def _event_end(info, record, ct_info):
+    """``(τ, z(τ), ∂L/∂τ, ∂L/∂z(τ), stopped, index)``: where the solve ended, and how."""
+    tau, z_end = info.event_time, info.event_state
+    ct_tau, ct_end = _zero_if_none(ct_info.event_time, tau), _zero_if_none(ct_info.event_state, z_end)
+    return tau, z_end, ct_tau, ct_end, record[3], record[4]
+
+
+def _bound(field, flat, diff, nondiff, dtype):
+    """The field and the conditions at ``(diff, nondiff)``, evaluated in the state's dtype."""
+    f_at = lambda z, t: field(z.astype(dtype), t, diff, nondiff)
+    cond_at = lambda k, z, t: flat.for_loop((diff, nondiff)).values(z.astype(dtype), t)[k]
+    return f_at, cond_at
+
+
+def backward_shared(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info,
+                    controls: Controls, fwd_controls: Controls):
+    """``backward`` for a batch sharing its parameters, with terminal events only: ``ys``,
+    ``ct_ys`` of shape ``(B, T, n)``, ``info`` and ``record`` per problem. The backward solves
+    of ``[z, a, a_t]`` accumulate one parameter adjoint (``adjoint.shared_backsolve``: the
+    parameters out of the error control), and the terminal jumps' ``-κ c_θ`` are summed by
+    one ``jax.vjp`` over the batch."""
+    theta, unravel = ravel_pytree(diff)
+    dtype = ys.dtype
+    f_at, cond_at = _bound(field, cfg.events, diff, nondiff, ys.dtype)
+    start_one = lambda *a: _start(f_at, cond_at, ts, *a, dtype)
+    starts = jax.vmap(start_one)(ys, ct_ys, *_event_end(info, record, ct_info))
+    states, ct_theta = adjoint.shared_backsolve(
+        field, starts.ys, starts.ts, diff, nondiff, starts.ct, starts.a_end, controls, cfg
+    )
+    cond_theta = lambda k, z, t, th: _bound(field, cfg.events, unravel(th), nondiff, ys.dtype)[1](k, z, t)
+    batch_cond = lambda ks, zs, taus, th: jax.vmap(cond_theta, (0, 0, 0, None))(ks, zs, taus, th)
+    terminal = _terminal_parameters(batch_cond, starts, info.event_state, info.event_time, theta)
+    a0 = states.y[:, ys.shape[2] : 2 * ys.shape[2]]
+    fs = jax.vmap(jax.vmap(f_at))(starts.ys, starts.ts).astype(dtype)
+    ct_ts = jnp.sum(jax.vmap(lambda s, f, a: _time_cotangents(s, f, a, ts.dtype))(starts, fs, a0), axis=0)
+    ct_diff = jax.tree_util.tree_map(jnp.add, ct_theta, unravel(terminal.astype(theta.dtype)))
+    return a0, ct_ts, ct_diff, states.status
+
+
 def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys, ct_info, controls: Controls,
              fwd_controls: Controls):
     """The backward solve with the jump conditions: ``(∂L/∂y0, ∂L/∂ts, ∂L/∂diff, status)``.
     ``controls``: the backward solve's; ``fwd_controls``: the forward's, for the re-solves of
     the interpolating adjoint (``cfg.interpolate``)."""
     num_out, n = ys.shape
-    times, states, which, stopped, index = record
+    times, states, which, _, _ = record
     flat = cfg.events
     theta, unravel = ravel_pytree(diff)
     p = theta.shape[0]
     dtype = jnp.result_type(ys.dtype, theta.dtype) if p else ys.dtype
-    tau, z_end = info.event_time, info.event_state
-    ct_tau = _zero_if_none(ct_info.event_time, tau).astype(dtype)
-    ct_end = _zero_if_none(ct_info.event_state, z_end).astype(dtype)
-    ct_ys = jnp.where(jnp.isfinite(ys), ct_ys, 0).astype(ys.dtype)  # outputs not reached
+    z_end = info.event_state
 
     f_at = lambda z, t, th: field(z.astype(ys.dtype), t, unravel(th), nondiff)
     cond_at = lambda k, z, t, th: flat.for_loop((unravel(th), nondiff)).values(z.astype(ys.dtype), t)[k]
     upd_at = lambda k, z, t, th: flat.for_loop((unravel(th), nondiff)).update(k, z.astype(ys.dtype), t)
 
-    # the outputs reached, and the grid of the backward solve (unreached ones at τ, no cotangent)
-    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(ts.dtype)
-    reached = (direction * ts <= direction * tau) | (jnp.arange(num_out) == 0)
-    ts_b = jnp.where(reached, ts, tau)
-    ys_b = jnp.where(reached[:, None], ys, z_end)
-    ct_b = jnp.where(reached[:, None], ct_ys, 0).astype(dtype)
-
-    # the start of the backward solve: at τ (terminal event) or ts[-1]
-    def terminal_start():
-        k = index
-        f_end = f_at(z_end, tau, theta).astype(dtype)
-        _, vjp_c = jax.vjp(lambda z, t, th: cond_at(k, z, t, th), z_end, tau, theta)
-        c_z, c_t, c_th = vjp_c(jnp.ones((), jnp.promote_types(ys.dtype, jnp.float32)))
-        cdot = jnp.dot(c_z.astype(dtype), f_end) + c_t.astype(dtype)
-        kappa = (jnp.dot(ct_end, f_end) + ct_tau) / cdot
-        return ct_end - kappa * c_z.astype(dtype), -kappa * c_th.astype(dtype)
-
-    def plain_start():
-        return ct_end, jnp.zeros(p, dtype)
-
-    a_end, ath_end = lax.cond(stopped, terminal_start, plain_start)
+    # the grid of the backward solve, and its start: at τ (terminal event) or ts[-1]
+    f_cond = _bound(field, flat, diff, nondiff, ys.dtype)
+    start = _start(*f_cond, ts, ys, ct_ys, *_event_end(info, record, ct_info), dtype)
+    ts_b, ys_b, ct_b = start.ts, start.ys, start.ct
+    a_end = start.a_end
+    ath_end = _terminal_parameters(cond_at, start, z_end, info.event_time, theta).astype(dtype)
     fs = jax.vmap(lambda yi, ti: field(yi, ti, diff, nondiff))(ys_b, ts_b).astype(dtype)
-
-    def time_cotangents(a0):
-        """``∂L/∂ts`` from ``a(t_0)`` (``ct_b[0]`` included) (module docstring)."""
-        ct_t = jnp.sum(ct_b * fs, axis=1)
-        last = jnp.where(stopped, 0, jnp.dot(ct_end, fs[-1]) + ct_tau)
-        ct_t = ct_t.at[-1].add(last)
-        return ct_t.at[0].set(-jnp.dot(a0 - ct_b[0], fs[0])).astype(ts.dtype)
+    time_cotangents = lambda a0: _time_cotangents(start, fs, a0, ts.dtype)
 
     def adjoint_jump(a, tau_j, z_minus, k):
         """``(a⁻, a_θ⁻ - a_θ⁺)`` across the recorded reset ``(τ_j, z⁻, k)`` (module docstring)."""
