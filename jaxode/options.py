@@ -12,8 +12,10 @@ is a ``TypeError`` naming it. The options are checked once, when the object is m
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -136,4 +138,21 @@ class Options:
         recompile."""
         values = (self.rtol, self.atol, self.dt0, self.adjoint_rtol, self.adjoint_atol, self.max_dt,
                   self.jump_ts)
-        return tuple(None if v is None else jnp.asarray(v) for v in values)
+        return tuple(None if v is None else _as_array(v) for v in values)
+
+
+def _as_array(value) -> Array:
+    """``jnp.asarray(value)``; a Python number's array is kept (``_number_array``): making it
+    dispatches a transfer, which costs an eager ``odesolve`` call more than its solve on a
+    small system."""
+    if type(value) in (int, float):
+        return _number_array(value, type(value), jax.config.jax_enable_x64)
+    return jnp.asarray(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _number_array(value, kind, x64) -> Array:
+    """The (weakly typed) array of a Python number, kept per value, type and ``x64`` setting."""
+    del kind, x64  # in the key only: 1 and 1.0 hash alike; the dtype follows jax_enable_x64
+    with jax.ensure_compile_time_eval():  # a concrete array, also when first made under a trace
+        return jnp.asarray(value)

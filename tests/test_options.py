@@ -11,6 +11,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 import jaxode
+from jaxode import Options
 from jaxode.nn import MLPField, NeuralODE
 
 jax.config.update("jax_enable_x64", True)
@@ -177,3 +178,17 @@ def test_adjoint_backward_info_checks_z0_like_odesolve():
         jaxode.adjoint_backward_info(lambda z, t, p: -z, jnp.array([1, 2]), jnp.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="z0 must be finite"):
         jaxode.adjoint_backward_info(lambda z, t, p: -z, jnp.array([jnp.nan, 2.0]), jnp.array([0.0, 1.0]))
+
+
+def test_a_repeated_eager_call_transfers_nothing_to_the_device():
+    """The Python-number tolerances of an eager ``odesolve`` become arrays once (kept per value,
+    type and ``jax_enable_x64``): the second identical call moves nothing from the host (each
+    transfer is a dispatch, more than the whole solve of a small system costs)."""
+    f = lambda z, t, p: -p * z  # noqa: E731
+    z0, ts, p = jnp.ones(2), jnp.linspace(0.0, 1.0, 3), jnp.asarray(0.5)
+    first = jaxode.odesolve(f, z0, ts, p, rtol=1e-6, atol=1e-8)
+    with jax.transfer_guard_host_to_device("disallow"):
+        again = jaxode.odesolve(f, z0, ts, p, rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(again, first)
+    assert Options(rtol=1e-6).arrays()[0] is Options(rtol=1e-6).arrays()[0]
+    assert Options(rtol=1).arrays()[0].dtype != Options(rtol=1.0).arrays()[0].dtype  # 1 and 1.0 apart
