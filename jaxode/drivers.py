@@ -198,7 +198,7 @@ def nested(build: Build) -> LoopState:
         else:
             coeffs = last.dense
         ys, i_out = write_while(new.ys, i, loop.s_ts, arrived, last, coeffs, loop.method)
-        return new._replace(ys=ys, i_out=i_out), last
+        return new._replace(ys=ys).counted(i_out=i_out), last
 
     return loop.finish(lax.while_loop(lambda carry: loop.running(carry[0]), outer, (state, last))[0])
 
@@ -214,7 +214,7 @@ def _to_next_output(loop: Loop, state: LoopState) -> LoopState:
         new = new._replace(ys=lax.dynamic_update_index_in_dim(new.ys, value, i, 0))
     if loop.at_output is not None:
         new = loop.arrive(new, i, arrived)
-    return new._replace(i_out=i + arrived.astype(jnp.int32))
+    return new.counted(i_out=i + arrived.astype(jnp.int32))
 
 
 def _steps_until(loop: Loop, state: LoopState, until, clip_to, last=None, last_of=None):

@@ -222,12 +222,18 @@ class EventCarry(NamedTuple):
     """The events' part of ``LoopState``."""
 
     c: Array  # (E,) the conditions at the current state (only their signs are used)
-    stopped: Array  # a terminal event fired
-    index: Array  # the terminal event that fired, -1 if none
-    count: Array  # events fired so far
+    flags: Array  # int32 (..., 3): stopped, index, count (one buffer of the loop's carry)
     times: Array | None  # (M,) real times of the non-terminal events (with record), NaN after
     states: Array | None  # (M, n) the states just before their updates
     which: Array | None  # (M,) their indices
+
+    stopped = property(lambda self: self.flags[..., 0] > 0)  # a terminal event fired
+    index = property(lambda self: self.flags[..., 1])  # the terminal event that fired, -1 if none
+    count = property(lambda self: self.flags[..., 2])  # events fired so far
+
+
+def _flags(stopped, index, count) -> Array:
+    return jnp.stack([jnp.asarray(x).astype(jnp.int32) for x in (stopped, index, count)], axis=-1)
 
 
 def _side(values, rates) -> Array:
@@ -250,9 +256,7 @@ def init_carry(loop, y0, s0, f0) -> EventCarry:
         times = jnp.full((m,), jnp.nan, loop.tdtype)
         states = jnp.zeros((m, n), y0.dtype)
         which = jnp.zeros((m,), jnp.int32)
-    int_ = jnp.int32
-    return EventCarry(lax.stop_gradient(_side(c, rate)), jnp.zeros((), bool), -jnp.ones((), int_),
-                      jnp.zeros((), int_), times, states, which)
+    return EventCarry(lax.stop_gradient(_side(c, rate)), _flags(False, -1, 0), times, states, which)
 
 
 def _crossings(a, b, directions) -> Array:
@@ -337,15 +341,11 @@ def after_step(loop, old, new, at, coeffs):
         slot = jnp.minimum(carry.count, ev.buffer - 1)
         put = lambda buf, v: buf.at[slot].set(jnp.where(reset, v, buf[slot]))
         times, states, which = put(times, d * s_star), put(states, y_star), put(which, k)
-    event = EventCarry(
-        c=lax.stop_gradient(c_next), stopped=carry.stopped | terminal,
-        index=jnp.where(terminal, k, carry.index), count=carry.count + any_fired.astype(jnp.int32),
-        times=times, states=states, which=which,
-    )
+    flags = _flags(carry.stopped | terminal, jnp.where(terminal, k, carry.index), carry.count + any_fired)
+    event = EventCarry(c=lax.stop_gradient(c_next), flags=flags, times=times, states=states, which=which)
     new = new._replace(
         t=jnp.where(any_fired, s_star, new.t), y=y_next, f=f_next, event=event,
-        nfe=new.nfe + reset.astype(jnp.int32),
-    )
+    ).counted(nfe=new.nfe + reset.astype(jnp.int32))
     at = at._replace(
         t_new=jnp.where(any_fired, s_star, at.t_new), y_new=jnp.where(any_fired, y_star, at.y_new),
     )

@@ -230,7 +230,7 @@ def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls,
         def apply():
             a, d_theta = jump(state.y, replayed.times[j], replayed.states[j], replayed.which[j])
             f_after = loop.g(a.astype(state.y.dtype), jnp.nextafter(state.t, jnp.inf))
-            new = state._replace(y=a.astype(state.y.dtype), f=f_after, nfe=state.nfe + 1)
+            new = state._replace(y=a.astype(state.y.dtype), f=f_after).counted(nfe=state.nfe + 1)
             return new, d_theta.astype(theta.dtype)
 
         return lax.cond(jnp.any(match), apply, lambda: (state, jnp.zeros_like(theta)))

@@ -281,3 +281,21 @@ def test_vmap_over_a_closed_over_value_without_jit():
     np.testing.assert_allclose(ys, exact, rtol=1e-8)
     g = jax.vmap(jax.grad(lambda k: solve(k)[-1, 0]))(ks)  # d/dk exp(-2k) = -2 exp(-2k)
     np.testing.assert_allclose(g, -2 * jnp.exp(-2 * ks), rtol=1e-7)
+
+
+def test_counters_are_one_array_read_per_problem_of_a_batch():
+    """The loop's counters live in one ``int32`` array (one buffer of the carry): ``counted``
+    replaces those it names and keeps the others; the fields read a batch of states per
+    problem; a name that is not a counter is refused."""
+    loop = Loop(lambda y, t: -y, jnp.ones(2), jnp.linspace(0.0, 1.0, 3), 1e-6, 1e-8, None,
+                method=METHODS["tsit5"], max_steps=16)
+    state = loop.init()
+    assert state.counts.shape == (7,) and state.counts.dtype == jnp.int32
+    new = state.counted(nfe=state.nfe + 5, finite=False, status=3)
+    assert (int(new.nfe), bool(new.finite), int(new.status)) == (int(state.nfe) + 5, False, 3)
+    assert (int(new.i_out), int(new.num_accepted)) == (int(state.i_out), int(state.num_accepted))
+    batch = jax.vmap(lambda y0: Loop(lambda y, t: -y, y0, jnp.linspace(0.0, 1.0, 3), 1e-6, 1e-8, None,
+                                     method=METHODS["tsit5"], max_steps=16).init())(jnp.ones((4, 2)))
+    assert batch.nfe.shape == (4,) and batch.finite.shape == (4,)
+    with pytest.raises(TypeError, match="not a counter"):
+        state.counted(steps=1)
