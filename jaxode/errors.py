@@ -127,7 +127,7 @@ def is_concrete(x) -> bool:
 
 def check_ts(ts) -> Array:
     """Checks the output times: a 1-D array of >= 2 finite, strictly monotonic values."""
-    ts = jnp.asarray(ts)
+    ts = ts if isinstance(ts, jax.Array) else jnp.asarray(ts)
     if ts.ndim != 1:
         raise ValueError(f"ts must be a 1-D array of times, got shape {ts.shape}")
     if ts.shape[0] < 2:

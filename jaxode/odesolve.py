@@ -260,7 +260,7 @@ def odesolve(
     Inside ``jax.vmap`` called eagerly the solve is traced on every call: put the vmapped
     function in ``jax.jit``.
     """
-    opts = Options(
+    opts = Options.cached(
         solver=solver, rtol=rtol, atol=atol, dt0=dt0, max_steps=max_steps, gradient=gradient,
         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_seminorm=adjoint_seminorm,
         batched=batched, throw=throw, full_output=full_output, max_dt=max_dt, jump_ts=jump_ts,

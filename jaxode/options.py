@@ -124,6 +124,19 @@ class Options:
         """The solver's ``Method``."""
         return get_method(self.solver)  # ValueError listing the names for an unknown one
 
+    @classmethod
+    def cached(cls, **values: Any) -> Options:
+        """``Options(**values)``, made once per set of values (with their types) when they are
+        all hashable (Python and NumPy scalars, strings, ``None``, functions, ``Event``s), as
+        in an eager ``odesolve`` called again and again: checking them costs such a call more
+        than a small solve does. Else made anew."""
+        key = tuple((name, type(value), value) for name, value in values.items())
+        try:
+            hash(key)
+        except TypeError:
+            return cls(**values)
+        return _cached_options(key)
+
     def replace(self, **changes: Any) -> Options:
         """A copy with ``changes`` applied, validated again; an unknown name is a ``TypeError``."""
         return dataclasses.replace(self, **changes)
@@ -148,6 +161,11 @@ def _as_array(value) -> Array:
     if type(value) in (int, float):
         return _number_array(value, type(value), jax.config.jax_enable_x64)
     return jnp.asarray(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_options(key) -> Options:
+    return Options(**{name: value for name, _, value in key})
 
 
 @functools.lru_cache(maxsize=64)

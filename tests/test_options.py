@@ -192,3 +192,15 @@ def test_a_repeated_eager_call_transfers_nothing_to_the_device():
     np.testing.assert_array_equal(again, first)
     assert Options(rtol=1e-6).arrays()[0] is Options(rtol=1e-6).arrays()[0]
     assert Options(rtol=1).arrays()[0].dtype != Options(rtol=1.0).arrays()[0].dtype  # 1 and 1.0 apart
+
+
+def test_cached_options_are_checked_by_type_and_value():
+    """``Options.cached`` keeps one object per set of values with their types: ``throw=1`` is
+    refused even after ``throw=True`` was made (1 == True as a key), ``rtol=1`` and
+    ``rtol=1.0`` stay apart, and an array tolerance (unhashable) is made anew."""
+    assert Options.cached(rtol=1e-7, throw=True) is Options.cached(rtol=1e-7, throw=True)
+    with pytest.raises(TypeError, match="throw must be True or False"):
+        Options.cached(rtol=1e-7, throw=1)
+    assert type(Options.cached(rtol=1).rtol) is int and type(Options.cached(rtol=1.0).rtol) is float
+    rtol = jnp.asarray(1e-7)
+    assert Options.cached(rtol=rtol).rtol is rtol
