@@ -85,7 +85,7 @@ def solve(field: FlatField, y0, ts, diff, nondiff, controls: Controls, adjoint_t
     the jump conditions (module docstring). ``batched``: ``jax.vmap`` of one problem's solve.
 
     With terminal events only, ``jax.grad`` of ``jax.vmap`` over ``y0`` (shared parameters)
-    runs ``_solve_shared``: the backward solves accumulate one parameter adjoint for the whole
+    runs ``backward_shared``: the backward solves accumulate one parameter adjoint for the whole
     batch (``adjoint.shared_backsolve``), as the plain adjoint does.
     """
     if cfg.batched:
@@ -178,10 +178,10 @@ class _Start(NamedTuple):
     index: Array  # which
 
 
-def _start(f_at, cond_at, ts, ys, ct_ys, tau, z_end, ct_tau, ct_end, stopped, index, dtype) -> _Start:
-    """The backward solve's ``_Start`` of one problem; ``f_at(z, t)``, ``cond_at(k, z, t)``:
-    the field and the ``k``-th condition at the parameters; ``tau``, ``z_end``: the event time
-    and state, ``ct_tau``, ``ct_end`` their cotangents; ``stopped``, ``index``: the terminal
+def _start(f_at, cond_at, theta, ts, ys, ct_ys, tau, z_end, ct_tau, ct_end, stopped, index, dtype) -> _Start:
+    """The backward solve's ``_Start`` of one problem; ``f_at``, ``cond_at``: as
+    ``_at_parameters`` gives them, taken at ``theta``; ``tau``, ``z_end``: the event time and
+    state, ``ct_tau``, ``ct_end`` their cotangents; ``stopped``, ``index``: the terminal
     event's record."""
     num_out, _ = ys.shape
     ct_tau, ct_end = ct_tau.astype(dtype), ct_end.astype(dtype)
@@ -190,8 +190,8 @@ def _start(f_at, cond_at, ts, ys, ct_ys, tau, z_end, ct_tau, ct_end, stopped, in
     reached = (direction * ts <= direction * tau) | (jnp.arange(num_out) == 0)
 
     def terminal():
-        f_end = f_at(z_end, tau).astype(dtype)
-        c_z, c_t = jax.grad(lambda z, t: cond_at(index, z, t), argnums=(0, 1))(z_end, tau)
+        f_end = f_at(z_end, tau, theta).astype(dtype)
+        c_z, c_t = jax.grad(lambda z, t: cond_at(index, z, t, theta), argnums=(0, 1))(z_end, tau)
         cdot = jnp.dot(c_z.astype(dtype), f_end) + c_t.astype(dtype)
         kappa = (jnp.dot(ct_end, f_end) + ct_tau) / cdot
         return ct_end - kappa * c_z.astype(dtype), kappa
@@ -226,10 +226,11 @@ def _event_end(info, record, ct_info):
     return tau, z_end, ct_tau, ct_end, record[3], record[4]
 
 
-def _bound(field, flat, diff, nondiff, dtype):
-    """The field and the conditions at ``(diff, nondiff)``, evaluated in the state's dtype."""
-    f_at = lambda z, t: field(z.astype(dtype), t, diff, nondiff)
-    cond_at = lambda k, z, t: flat.for_loop((diff, nondiff)).values(z.astype(dtype), t)[k]
+def _at_parameters(field, flat, unravel, nondiff, dtype):
+    """The field ``f_at(z, t, θ)`` and the ``k``-th condition ``cond_at(k, z, t, θ)`` at the
+    flat parameters ``θ``, the state taken in its dtype ``dtype``."""
+    f_at = lambda z, t, th: field(z.astype(dtype), t, unravel(th), nondiff)
+    cond_at = lambda k, z, t, th: flat.for_loop((unravel(th), nondiff)).values(z.astype(dtype), t)[k]
     return f_at, cond_at
 
 
@@ -242,17 +243,16 @@ def backward_shared(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff,
     one ``jax.vjp`` over the batch."""
     theta, unravel = ravel_pytree(diff)
     dtype = ys.dtype
-    f_at, cond_at = _bound(field, cfg.events, diff, nondiff, ys.dtype)
-    start_one = lambda *a: _start(f_at, cond_at, ts, *a, dtype)
+    f_at, cond_at = _at_parameters(field, cfg.events, unravel, nondiff, dtype)
+    start_one = lambda *a: _start(f_at, cond_at, theta, ts, *a, dtype)
     starts = jax.vmap(start_one)(ys, ct_ys, *_event_end(info, record, ct_info))
     states, ct_theta = adjoint.shared_backsolve(
         field, starts.ys, starts.ts, diff, nondiff, starts.ct, starts.a_end, controls, cfg
     )
-    cond_theta = lambda k, z, t, th: _bound(field, cfg.events, unravel(th), nondiff, ys.dtype)[1](k, z, t)
-    batch_cond = lambda ks, zs, taus, th: jax.vmap(cond_theta, (0, 0, 0, None))(ks, zs, taus, th)
+    batch_cond = lambda ks, zs, taus, th: jax.vmap(cond_at, (0, 0, 0, None))(ks, zs, taus, th)
     terminal = _terminal_parameters(batch_cond, starts, info.event_state, info.event_time, theta)
     a0 = states.y[:, ys.shape[2] : 2 * ys.shape[2]]
-    fs = jax.vmap(jax.vmap(f_at))(starts.ys, starts.ts).astype(dtype)
+    fs = jax.vmap(jax.vmap(lambda z, t: f_at(z, t, theta)))(starts.ys, starts.ts).astype(dtype)
     ct_ts = jnp.sum(jax.vmap(lambda s, f, a: _time_cotangents(s, f, a, ts.dtype))(starts, fs, a0), axis=0)
     ct_diff = jax.tree_util.tree_map(jnp.add, ct_theta, unravel(terminal.astype(theta.dtype)))
     return a0, ct_ts, ct_diff, states.status
@@ -271,13 +271,11 @@ def backward(field, cfg: Config, ys, info, record, y0, ts, diff, nondiff, ct_ys,
     dtype = jnp.result_type(ys.dtype, theta.dtype) if p else ys.dtype
     z_end = info.event_state
 
-    f_at = lambda z, t, th: field(z.astype(ys.dtype), t, unravel(th), nondiff)
-    cond_at = lambda k, z, t, th: flat.for_loop((unravel(th), nondiff)).values(z.astype(ys.dtype), t)[k]
+    f_at, cond_at = _at_parameters(field, flat, unravel, nondiff, ys.dtype)
     upd_at = lambda k, z, t, th: flat.for_loop((unravel(th), nondiff)).update(k, z.astype(ys.dtype), t)
 
     # the grid of the backward solve, and its start: at τ (terminal event) or ts[-1]
-    f_cond = _bound(field, flat, diff, nondiff, ys.dtype)
-    start = _start(*f_cond, ts, ys, ct_ys, *_event_end(info, record, ct_info), dtype)
+    start = _start(f_at, cond_at, theta, ts, ys, ct_ys, *_event_end(info, record, ct_info), dtype)
     ts_b, ys_b, ct_b = start.ts, start.ys, start.ct
     a_end = start.a_end
     ath_end = _terminal_parameters(cond_at, start, z_end, info.event_time, theta).astype(dtype)

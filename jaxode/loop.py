@@ -303,9 +303,9 @@ class Loop:
             t=s0, y=y0, f=f0, h=h0, ratio_prev=jnp.ones((), self.edtype),
             method_state=method.init_with_tolerances(self.g, s0, y0, f0, self.rtol, self.atol),
             ys=ys, dense=self._empty_dense(),
-            counts=jnp.stack([jnp.asarray(c).astype(int_) for c in (1, 0, 0, nfe0, 0, 1, status)]),
+            counts=jnp.zeros(len(_COUNTERS), int_),
             event=None if self.events is None else events.init_carry(self, y0, s0, f0),
-        )
+        ).counted(i_out=1, nfe=nfe0, finite=True, status=status)
 
     def _valid_options(self) -> Array:
         """Whether the (possibly traced) tolerances are finite, >= 0 and not both 0 (adaptive
