@@ -70,7 +70,7 @@ def _forward(field: FlatField, y0, ts, diff, nondiff, controls: Controls, cfg: C
     """The forward solve with events; ``record``: keep the non-terminal events."""
     resets = not all(cfg.events.terminal)  # only non-terminal events need the record
     slots = events_module.record_slots(cfg.max_events, cfg.max_steps) if resets else 1
-    events = cfg.events.for_loop((diff, nondiff), record=record, buffer=slots)
+    events = cfg.events.for_loop((diff, nondiff), record=record, buffer=slots, after=True)
     state = integrate(
         lambda y, t: field(y, t, diff, nondiff), y0, ts, controls.rtol, controls.atol, controls.dt0,
         method=cfg.method, max_steps=cfg.max_steps, max_dt=controls.max_dt, jump_ts=controls.jump_ts,

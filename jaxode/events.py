@@ -20,8 +20,12 @@ until the bracket is below the resolution of the time (``eps · max(|t|, h)``) o
 The solve's state at ``t*`` is the dense output there (no overshoot). (Under ``jax.vmap``,
 where a ``lax.cond`` on a batched predicate runs both branches, the root finders run only in
 the steps where an event fired for some element, and with terminal events only no restart is
-prepared at all.) When several events fire in one step, the earliest ``t*`` wins, ties going
-to the lower index; the step is truncated at ``t*``: outputs up to ``t*`` are written, and
+prepared at all. A loop that is not differentiated itself, as the adjoint mode's forward solve,
+locates terminal-only events after the loop instead (``Loop.locate_events_after``): the step
+in which one fires ends the loop whole and is kept; the root finders run once, on it, and
+the outputs written past ``t*`` are masked again.) When several events fire in one step, the
+earliest ``t*`` wins, ties going to the lower index; the step is truncated at ``t*``: outputs
+up to ``t*`` are written, and
 
 * a terminal event stops the solve: later outputs stay NaN, the status is 0;
 * a non-terminal one replaces the state by ``update(z(t*), t*, params)`` (or keeps it) and the
@@ -189,10 +193,12 @@ class FlatEvents:
         self.terminal = tuple(ev.terminal for ev in events)
         self.points = max(ev.interior_points for ev in events)
 
-    def for_loop(self, args, record: bool = False, buffer: int = 0) -> LoopEvents:
+    def for_loop(self, args, record: bool = False, buffer: int = 0, after: bool = False) -> LoopEvents:
         """The events bound to a solve's arrays, for ``Loop(events=...)``; ``record``: keep the
-        non-terminal events (time, state before the update, index) in ``buffer`` slots."""
-        return LoopEvents(self, args, record, buffer)
+        non-terminal events (time, state before the update, index) in ``buffer`` slots;
+        ``after``: locate terminal events after the loop where the loop allows it
+        (``Loop.locate_events_after``; not for a loop that is differentiated)."""
+        return LoopEvents(self, args, record, buffer, after)
 
 
 class LoopEvents(NamedTuple):
@@ -200,6 +206,7 @@ class LoopEvents(NamedTuple):
     args: Any
     record: bool
     buffer: int
+    after: bool = False
 
     def values(self, y, t, args=None) -> Array:
         """All conditions at ``(y, t)`` (real time), ``(E,)``, in the state's dtype (>= float32)."""
@@ -218,6 +225,14 @@ class LoopEvents(NamedTuple):
         return lax.switch(k, branches, y, t)
 
 
+class _Fired(NamedTuple):
+    """The step in which a terminal event fired, kept whole for ``locate_after_loop``."""
+
+    y: Array  # (n,) the state at its start
+    coeffs: Array  # its interpolant
+    t_h: Array  # (2,) its start and size
+
+
 class EventCarry(NamedTuple):
     """The events' part of ``LoopState``."""
 
@@ -226,6 +241,7 @@ class EventCarry(NamedTuple):
     times: Array | None  # (M,) real times of the non-terminal events (with record), NaN after
     states: Array | None  # (M, n) the states just before their updates
     which: Array | None  # (M,) their indices
+    fired: _Fired | None = None  # with Loop.locate_events_after: the step in which one fired
 
     stopped = property(lambda self: self.flags[..., 0] > 0)  # a terminal event fired
     index = property(lambda self: self.flags[..., 1])  # the terminal event that fired, -1 if none
@@ -256,7 +272,12 @@ def init_carry(loop, y0, s0, f0) -> EventCarry:
         times = jnp.full((m,), jnp.nan, loop.tdtype)
         states = jnp.zeros((m, n), y0.dtype)
         which = jnp.zeros((m,), jnp.int32)
-    return EventCarry(lax.stop_gradient(_side(c, rate)), _flags(False, -1, 0), times, states, which)
+    fired = None
+    if loop.locate_events_after:
+        zeros = lambda x: jnp.zeros(x.shape, x.dtype)
+        coeffs = jax.tree_util.tree_map(zeros, loop.coefficients_shape())
+        fired = _Fired(jnp.zeros_like(y0), coeffs, jnp.zeros((2,), loop.tdtype))
+    return EventCarry(lax.stop_gradient(_side(c, rate)), _flags(False, -1, 0), times, states, which, fired)
 
 
 def _crossings(a, b, directions) -> Array:
@@ -267,29 +288,57 @@ def _crossings(a, b, directions) -> Array:
     return jnp.where(d > 0, up, jnp.where(d < 0, down, up | down))
 
 
-def after_step(loop, old, new, at, coeffs):
-    """Detects and handles the events of the attempt ``at`` (from ``old`` to ``new``; see the
-    module docstring). Returns ``(new, at)`` with the step truncated at the first event: ``at``'s
-    ``t_new, y_new`` are then ``t*`` and the state there (for the output writers)."""
-    ev, carry, d = loop.events, old.event, loop.direction
-    flat = ev.flat
-    num = len(flat.conditions)
-    tdtype = loop.tdtype
-    interp = lambda th: loop.method.interpolate(at.y, coeffs, th)
+class _Step(NamedTuple):
+    """An accepted step's dense output, from ``(t, y)`` to ``(t_new, y_new)``, ``h = t_new - t``
+    (forward-running time)."""
+
+    t: Array
+    h: Array
+    y: Array
+    coeffs: Array
+    t_new: Array
+    y_new: Array
+
+
+class _Crossing(NamedTuple):
+    """Where each condition changes sign in a step: in ``[lo, hi]`` of ``θ`` (values ``v_lo``,
+    ``v_hi`` there) if ``fired``; ``c_end``: the conditions at the step's end. ``(E,)`` each."""
+
+    fired: Array
+    lo: Array
+    hi: Array
+    v_lo: Array
+    v_hi: Array
+    c_end: Array
+
+
+def _crossing(loop, c_start, accept, step: _Step) -> _Crossing:
+    """The detection of the module docstring: the conditions at ``interior_points`` and at the
+    step's end, with ``c_start`` carried from its start (only an ``accept``-ed step fires)."""
+    ev, d, flat = loop.events, loop.direction, loop.events.flat
+    interp = lambda th: loop.method.interpolate(step.y, step.coeffs, th)
     thetas = tuple(j / (flat.points + 1) for j in range(1, flat.points + 1))
-    rows = [carry.c] + [ev.values(interp(th), d * (at.t + th * at.h)) for th in thetas]
-    c_end = ev.values(at.y_new, d * at.t_new)
+    rows = [c_start] + [ev.values(interp(th), d * (step.t + th * step.h)) for th in thetas]
+    c_end = ev.values(step.y_new, d * step.t_new)
     values = lax.stop_gradient(jnp.stack(rows + [c_end]))  # (K + 2, E)
-    grid = jnp.asarray((0.0,) + thetas + (1.0,), tdtype)
+    grid = jnp.asarray((0.0,) + thetas + (1.0,), loop.tdtype)
     cross = _crossings(values[:-1], values[1:], flat.directions)  # (K + 1, E)
-    fired = at.accept & jnp.any(cross, axis=0)
     j = jnp.argmax(cross, axis=0)
-    idx = jnp.arange(num)
-    lo, hi, v_lo, v_hi = grid[j], grid[j + 1], values[j, idx], values[j + 1, idx]
-    eps = jnp.maximum(jnp.finfo(tdtype).eps, jnp.finfo(values.dtype).eps).astype(tdtype)
-    h_safe = jnp.where(at.h > 0, at.h, 1)
-    atol = eps * jnp.maximum(jnp.abs(at.t) / h_safe, 1)
-    step_args = (at.y, coeffs, at.t, at.h, d, ev.args)
+    idx = jnp.arange(len(flat.conditions))
+    fired = accept & jnp.any(cross, axis=0)
+    return _Crossing(fired, grid[j], grid[j + 1], values[j, idx], values[j + 1, idx], c_end)
+
+
+def _first_event(loop, step: _Step, crossing: _Crossing):
+    """The earliest of the events that fired in ``step`` (ties: the lowest index), located by
+    the root finders: ``(k, s*, y*)``; ``s* = t_new``, ``y* = y_new`` exactly when it falls on
+    the step's end (or when none fired)."""
+    ev, d, flat, tdtype = loop.events, loop.direction, loop.events.flat, loop.tdtype
+    fired, num = crossing.fired, len(flat.conditions)
+    eps = jnp.maximum(jnp.finfo(tdtype).eps, jnp.finfo(crossing.v_lo.dtype).eps).astype(tdtype)
+    h_safe = jnp.where(step.h > 0, step.h, 1)
+    atol = eps * jnp.maximum(jnp.abs(step.t) / h_safe, 1)
+    step_args = (step.y, step.coeffs, step.t, step.h, d, ev.args)
 
     def locate_all():
         thetas_star = []
@@ -297,7 +346,8 @@ def after_step(loop, old, new, at, coeffs):
             g = functools.partial(_g, loop.method.interpolate, flat.conditions[e])
             # a bracket of width 0 where the event did not fire: under jax.vmap (where lax.cond
             # runs both branches) its root finder stops after one evaluation
-            bracket = (jnp.where(fired[e], lo[e], 1), jnp.where(fired[e], hi[e], 1), v_lo[e], v_hi[e], atol)
+            lo, hi = jnp.where(fired[e], crossing.lo[e], 1), jnp.where(fired[e], crossing.hi[e], 1)
+            bracket = (lo, hi, crossing.v_lo[e], crossing.v_hi[e], atol)
             locate = lambda g=g, bracket=bracket: root(g, bracket, step_args)
             thetas_star.append(lax.cond(fired[e], locate, lambda: jnp.ones((), tdtype)))
         return jnp.stack(thetas_star)
@@ -305,14 +355,29 @@ def after_step(loop, old, new, at, coeffs):
     # under jax.vmap, the root finders run only in the steps where an event fired somewhere
     theta_all = lax.cond(max_in_batch(jnp.any(fired)), locate_all, lambda: jnp.ones((num,), tdtype))
     key = jnp.where(fired, lax.stop_gradient(theta_all), jnp.inf)
-    k = jnp.argmin(key).astype(jnp.int32)  # the earliest; ties: the lowest index
-    any_fired = jnp.any(fired)
+    k = jnp.argmin(key).astype(jnp.int32)
     theta = theta_all[k]
     end = lax.stop_gradient(theta >= 1)
-    s_lin = at.t + theta * at.h
-    s_star = s_lin + jnp.where(end, lax.stop_gradient(at.t_new - s_lin), 0)
-    y_lin = interp(theta)
-    y_star = y_lin + jnp.where(end, lax.stop_gradient(at.y_new - y_lin), 0)
+    s_lin = step.t + theta * step.h
+    s_star = s_lin + jnp.where(end, lax.stop_gradient(step.t_new - s_lin), 0)
+    y_lin = loop.method.interpolate(step.y, step.coeffs, theta)
+    y_star = y_lin + jnp.where(end, lax.stop_gradient(step.y_new - y_lin), 0)
+    return k, s_star, y_star
+
+
+def after_step(loop, old, new, at, coeffs):
+    """Detects and handles the events of the attempt ``at`` (from ``old`` to ``new``; see the
+    module docstring). Returns ``(new, at)`` with the step truncated at the first event: ``at``'s
+    ``t_new, y_new`` are then ``t*`` and the state there (for the output writers)."""
+    if loop.locate_events_after:
+        return _detect_only(loop, old, new, at, coeffs)
+    ev, carry, d = loop.events, old.event, loop.direction
+    flat = ev.flat
+    idx = jnp.arange(len(flat.conditions))
+    step = _Step(at.t, at.h, at.y, coeffs, at.t_new, at.y_new)
+    crossing = _crossing(loop, carry.c, at.accept, step)
+    k, s_star, y_star = _first_event(loop, step, crossing)
+    any_fired = jnp.any(crossing.fired)
     terminal = any_fired & jnp.asarray(flat.terminal)[k]
     reset = any_fired & ~jnp.asarray(flat.terminal)[k]
 
@@ -329,7 +394,7 @@ def after_step(loop, old, new, at, coeffs):
         return y_plus, f_plus, _side(c_plus, jnp.where(again, -rate, rate))
 
     def go_on():
-        return new.y, new.f, jnp.where(at.accept, c_end, carry.c)
+        return new.y, new.f, jnp.where(at.accept, crossing.c_end, carry.c)
 
     if all(flat.terminal):  # no restart to prepare (under jax.vmap, lax.cond would run it)
         y_next, f_next, c_next = go_on()
@@ -342,7 +407,7 @@ def after_step(loop, old, new, at, coeffs):
         put = lambda buf, v: buf.at[slot].set(jnp.where(reset, v, buf[slot]))
         times, states, which = put(times, d * s_star), put(states, y_star), put(which, k)
     flags = _flags(carry.stopped | terminal, jnp.where(terminal, k, carry.index), carry.count + any_fired)
-    event = EventCarry(c=lax.stop_gradient(c_next), flags=flags, times=times, states=states, which=which)
+    event = carry._replace(c=lax.stop_gradient(c_next), flags=flags, times=times, states=states, which=which)
     new = new._replace(
         t=jnp.where(any_fired, s_star, new.t), y=y_next, f=f_next, event=event,
     ).counted(nfe=new.nfe + reset.astype(jnp.int32))
@@ -350,6 +415,42 @@ def after_step(loop, old, new, at, coeffs):
         t_new=jnp.where(any_fired, s_star, at.t_new), y_new=jnp.where(any_fired, y_star, at.y_new),
     )
     return new, at
+
+
+def _detect_only(loop, old, new, at, coeffs):
+    """``after_step`` with terminal events only, located after the loop
+    (``Loop.locate_events_after``): a step in which one fires is kept whole (``_Fired``) and
+    stops the loop; ``new`` and ``at`` are left as they are (the outputs past ``t*`` are
+    written, then masked by ``locate_after_loop``). Under ``jax.vmap`` the root finders then
+    run once, after the loop, not in every step in which some problem's event fired."""
+    carry = old.event
+    step = _Step(at.t, at.h, at.y, coeffs, at.t_new, at.y_new)
+    crossing = _crossing(loop, carry.c, at.accept, step)
+    fired = jnp.any(crossing.fired)
+    kept = _Fired(at.y, coeffs, jnp.stack([at.t, at.h]))
+    kept = jax.tree_util.tree_map(lambda a, b: jnp.where(fired, a, b), kept, carry.fired)
+    c = jnp.where(at.accept & ~fired, crossing.c_end, carry.c)  # the step's start: for the location
+    flags = _flags(carry.stopped | fired, carry.index, carry.count + fired)
+    return new._replace(event=carry._replace(c=lax.stop_gradient(c), flags=flags, fired=kept)), at
+
+
+def locate_after_loop(loop, state):
+    """The final state of a loop with ``locate_events_after``: a terminal event that fired in
+    the last step is located there (as ``after_step`` would have); the state becomes ``(t*,
+    z(t*))`` and the outputs after ``t*`` are NaN again."""
+    carry = state.event
+    kept = carry.fired
+    step = _Step(kept.t_h[0], kept.t_h[1], kept.y, kept.coeffs, state.t, state.y)
+    crossing = _crossing(loop, carry.c, carry.stopped, step)
+    k, s_star, y_star = _first_event(loop, step, crossing)
+    stopped = carry.stopped
+    ys = state.ys
+    if ys is not None:
+        ys = jnp.where((stopped & (loop.s_ts > s_star))[:, None], jnp.nan, ys)
+    event = carry._replace(flags=_flags(stopped, jnp.where(stopped, k, -1), carry.count))
+    return state._replace(
+        t=jnp.where(stopped, s_star, state.t), y=jnp.where(stopped, y_star, state.y), ys=ys, event=event,
+    )
 
 
 def _g(interpolate, condition, theta, args):

@@ -266,6 +266,11 @@ class Loop:
         self.rtol, self.atol, self.dt0 = rtol, atol, dt0
         self.max_dt = None if max_dt is None else jnp.asarray(max_dt, tdtype)
         self.s_jumps = None if jump_ts is None else self.direction * jnp.asarray(jump_ts, tdtype).reshape(-1)
+        # terminal events only, located once after the loop (events.locate_after_loop)
+        self.locate_events_after = (
+            events is not None and events.after and all(events.flat.terminal) and not differentiable
+            and not self.stop_at_outputs and not save_dense and at_jump is None
+        )
 
     def g(self, y, s):
         """The field in the forward-running time ``s``."""
@@ -458,16 +463,20 @@ class Loop:
         new = new._replace(ys=ys).counted(i_out=i_out)
         return (new, at.record, taken) if with_attempt else (new, at.record)
 
-    def _empty_dense(self) -> DenseSteps | None:
-        if not self.save_dense:
-            return None
+    def coefficients_shape(self) -> jax.ShapeDtypeStruct:
+        """The shape and dtype of a step's interpolant (``coefficients``)."""
         s0, y0, one, method = self.s_ts[0], self.y0, jnp.ones((), self.tdtype), self.method
 
         def probe():
             st = method.step(self.g, s0, y0, one, y0, method.init(self.g, s0, y0, y0), s0)
             return method.interpolant(self.g, s0, y0, one, st.dense, st.y_new, st.f_new)
 
-        shape, m = jax.eval_shape(probe), self.max_steps
+        return jax.eval_shape(probe)
+
+    def _empty_dense(self) -> DenseSteps | None:
+        if not self.save_dense:
+            return None
+        shape, m = self.coefficients_shape(), self.max_steps
         return DenseSteps(
             t=jnp.full((m,), jnp.inf, self.tdtype), h=jnp.ones((m,), self.tdtype),
             y=jnp.zeros((m, self.n), self.dtype), coefficients=jnp.zeros((m,) + shape.shape, shape.dtype),
@@ -506,6 +515,8 @@ class Loop:
 
     def finish(self, state: LoopState) -> LoopState:
         """The final state with its ``status`` (0 after a terminal event)."""
+        if self.locate_events_after:
+            state = events.locate_after_loop(self, state)
         failed = self.failure(state)
         if self.progress:
             progress_bar.close(self.direction * state.t)

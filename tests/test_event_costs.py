@@ -54,3 +54,38 @@ def test_vmap_adds_no_field_or_condition_evaluations(mode):
     assert t_star == pytest.approx(np.sqrt(2 * 5.0 / G), rel=1e-12)
     assert single == batched
     assert field_calls == nfe
+
+
+def _root_finders(jaxpr, inside_loop=False, found=None):
+    """For each root finder (``events.root``, a ``custom_jvp``) in ``jaxpr``: whether it runs
+    inside a ``while_loop``."""
+    found = [] if found is None else found
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "custom_jvp_call":
+            found.append(inside_loop)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    _root_finders(sub, inside_loop or eqn.primitive.name == "while", found)
+    return found
+
+
+def test_terminal_events_are_located_after_the_loop_under_vmap():
+    """The adjoint mode's forward solve locates terminal events once, after its loop: under
+    jax.vmap the root finders no longer run in every step where some problem's event fired
+    (before: inside the loop, as the checkpoint mode's differentiated loop still does)."""
+
+    def impact(mode):
+        def one(h):
+            _, info = jaxode.odesolve(lambda z, t, g: jnp.stack([z[1], -g * jnp.ones_like(z[0])]),
+                                      jnp.stack([h, 0.0]), jnp.array([0.0, 3.0]), G,
+                                      events=jaxode.Event(lambda z, t, g: z[0]), gradient=mode,
+                                      full_output=True)
+            return info.event_time
+
+        return jax.make_jaxpr(jax.vmap(one))(jnp.array([1.0, 5.0])).jaxpr
+
+    adjoint, checkpoint = _root_finders(impact("adjoint")), _root_finders(impact("checkpoint"))
+    assert adjoint and not any(adjoint)
+    assert any(checkpoint)  # the walk sees a root finder inside a loop

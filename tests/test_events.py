@@ -258,6 +258,39 @@ def test_vmap_each_sample_its_own_events_and_batched():
         np.testing.assert_allclose(jax.grad(loss)(jnp.array(G)), exact, rtol=1e-7)
 
 
+@pytest.mark.parametrize("backwards", [False, True])
+def test_terminal_events_located_after_the_loop_as_in_it(backwards):
+    """The adjoint mode locates terminal events after its loop (``Loop.locate_events_after``),
+    the checkpoint mode's forward loop in the step itself: the same events, times, states,
+    outputs (NaN after t*) and statistics, under jax.vmap, with two events that fire alone,
+    in one step (the earlier wins) or not at all. The second event: time |t| reaching ``z[2]``."""
+    sign = -1.0 if backwards else 1.0
+    ts = sign * jnp.linspace(0.0, 2.0, 21)
+    events = [GROUND, jaxode.Event(lambda z, t, p: sign * t - z[2], direction=1)]
+    # impacts at sqrt(2h/g) = 0.45, 1.01, 1.195 (with |t| = 1.2 in the same step), 2.02, 2.47
+    hs = jnp.array([1.0, 5.0, 7.0, 20.0, 30.0])
+    cs = jnp.array([5.0, 5.0, 1.2, 1.2, 5.0])
+
+    def run(mode):
+        def one(h, c):
+            z0 = jnp.stack([h, 0.0, c])
+            return jaxode.odesolve(ball, z0, ts, PARAMS, events=events, gradient=mode, full_output=True,
+                                   rtol=1e-8, atol=1e-8)
+
+        return jax.jit(jax.vmap(one))(hs, cs)
+
+    (ys, info), (ys_ref, ref) = run("adjoint"), run("checkpoint")
+    np.testing.assert_array_equal(ref.event_index, [0, 0, 0, 1, -1])
+    for name in ("event_index", "num_events", "num_steps", "nfe", "status"):
+        np.testing.assert_array_equal(getattr(info, name), getattr(ref, name), err_msg=name)
+    np.testing.assert_allclose(info.event_time, ref.event_time, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(info.event_state, ref.event_state, rtol=1e-14, atol=1e-14)
+    np.testing.assert_array_equal(np.isnan(ys), np.isnan(ys_ref))
+    np.testing.assert_allclose(ys, ys_ref, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(info.event_time[:3], sign * np.sqrt(2 * np.asarray(hs[:3]) / G), rtol=1e-7)
+    np.testing.assert_allclose(info.event_time[3:], sign * np.array([1.2, 2.0]), rtol=1e-14)
+
+
 def test_pytree_state_and_backwards_in_time():
     f = lambda z, t, p: {"x": z["v"], "v": -G * jnp.ones_like(z["x"])}
     z0 = {"x": jnp.array(H0), "v": jnp.array(0.0)}
