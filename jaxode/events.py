@@ -20,12 +20,13 @@ until the bracket is below the resolution of the time (``eps · max(|t|, h)``) o
 The solve's state at ``t*`` is the dense output there (no overshoot). (Under ``jax.vmap``,
 where a ``lax.cond`` on a batched predicate runs both branches, the root finders run only in
 the steps where an event fired for some element, and with terminal events only no restart is
-prepared at all. A loop that is not differentiated itself, as the adjoint mode's forward solve,
-locates terminal-only events after the loop instead (``Loop.locate_events_after``): the step
-in which one fires ends the loop whole and is kept; the root finders run once, on it, and
-the outputs written past ``t*`` are masked again.) When several events fire in one step, the
-earliest ``t*`` wins, ties going to the lower index; the step is truncated at ``t*``: outputs
-up to ``t*`` are written, and
+prepared at all.) With terminal events only, the solves of the adjoint, backprop and
+checkpoint modes locate them after the loop instead (``Loop.locate_events_after``): the step in
+which one fires ends the loop whole and is kept; the root finders run once, on it, and the
+outputs written past ``t*`` are masked again (under ``jax.vmap``: not in every step in which
+some problem's event fired; differentiated as in the step). When several events fire in one
+step, the earliest ``t*`` wins, ties going to the lower index; the step is truncated at
+``t*``: outputs up to ``t*`` are written, and
 
 * a terminal event stops the solve: later outputs stay NaN, the status is 0;
 * a non-terminal one replaces the state by ``update(z(t*), t*, params)`` (or keeps it) and the
@@ -197,7 +198,7 @@ class FlatEvents:
         """The events bound to a solve's arrays, for ``Loop(events=...)``; ``record``: keep the
         non-terminal events (time, state before the update, index) in ``buffer`` slots;
         ``after``: locate terminal events after the loop where the loop allows it
-        (``Loop.locate_events_after``; not for a loop that is differentiated)."""
+        (``Loop.locate_events_after``), for a caller that reads the final state only."""
         return LoopEvents(self, args, record, buffer, after)
 
 

@@ -67,7 +67,7 @@ def forward(
         lambda y, t: field(y, t, diff, nondiff), y0, ts, controls.rtol, controls.atol, controls.dt0,
         driver=driver, method=cfg.method, max_steps=cfg.max_steps, max_dt=controls.max_dt,
         jump_ts=controls.jump_ts, save_dense=cfg.dense, progress=cfg.progress,
-        events=None if cfg.events is None else cfg.events.for_loop((diff, nondiff)),
+        events=None if cfg.events is None else cfg.events.for_loop((diff, nondiff), after=True),
     )
     direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(state.t.dtype)
     return Solution(state.ys, info_of(state, direction), state.dense, state.h)

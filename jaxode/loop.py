@@ -221,7 +221,9 @@ class Loop:
         save_dense: keep every accepted step's interpolant (``LoopState.dense``).
         progress: show a progress bar of the solve's time.
         events: ``events.LoopEvents``: detect and handle events after each accepted step
-            (``events.after_step``), or ``None``.
+            (``events.after_step``), or ``None``. Terminal events only are located after the
+            loop (``finish``) where ``events.after`` allows it and the outputs are interpolated
+            (``locate_events_after``).
         at_jump: ``at_jump(t, y) -> y`` applied on landing at a time of ``jump_ts`` (real time
             ``t``), before ``f`` is evaluated just after it; ``None``: nothing.
     """
@@ -268,7 +270,7 @@ class Loop:
         self.s_jumps = None if jump_ts is None else self.direction * jnp.asarray(jump_ts, tdtype).reshape(-1)
         # terminal events only, located once after the loop (events.locate_after_loop)
         self.locate_events_after = (
-            events is not None and events.after and all(events.flat.terminal) and not differentiable
+            events is not None and events.after and all(events.flat.terminal)
             and not self.stop_at_outputs and not save_dense and at_jump is None
         )
 

@@ -56,36 +56,45 @@ def test_vmap_adds_no_field_or_condition_evaluations(mode):
     assert field_calls == nfe
 
 
+def _subjaxprs(eqn):
+    for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+            sub = getattr(sub, "jaxpr", sub)
+            if hasattr(sub, "eqns"):
+                yield sub
+
+
 def _root_finders(jaxpr, inside_loop=False, found=None):
-    """For each root finder (``events.root``, a ``custom_jvp``) in ``jaxpr``: whether it runs
-    inside a ``while_loop``."""
+    """For each root finder in ``jaxpr`` (``events.root``: a ``custom_jvp`` around a
+    ``while_loop``): whether it runs inside a loop (``while_loop`` or ``scan``)."""
     found = [] if found is None else found
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "custom_jvp_call":
+        name = eqn.primitive.name
+        inner = [e.primitive.name for sub in _subjaxprs(eqn) for e in sub.eqns]
+        if name == "custom_jvp_call" and "while" in inner:
             found.append(inside_loop)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    _root_finders(sub, inside_loop or eqn.primitive.name == "while", found)
+        for sub in _subjaxprs(eqn):
+            _root_finders(sub, inside_loop or name in ("while", "scan"), found)
     return found
 
 
-def test_terminal_events_are_located_after_the_loop_under_vmap():
-    """The adjoint mode's forward solve locates terminal events once, after its loop: under
-    jax.vmap the root finders no longer run in every step where some problem's event fired
-    (before: inside the loop, as the checkpoint mode's differentiated loop still does)."""
+@pytest.mark.parametrize("mode", ["backprop", "checkpoint", "adjoint"])
+def test_terminal_events_are_located_after_the_loop(mode):
+    """With terminal events only, the root finders run once, after the loop: under jax.vmap
+    they no longer run in every step in which some problem's event fired. With a
+    non-terminal event (here one that never fires) they run in the step, where a reset needs
+    them."""
 
-    def impact(mode):
+    def root_finders(events):
         def one(h):
             _, info = jaxode.odesolve(lambda z, t, g: jnp.stack([z[1], -g * jnp.ones_like(z[0])]),
-                                      jnp.stack([h, 0.0]), jnp.array([0.0, 3.0]), G,
-                                      events=jaxode.Event(lambda z, t, g: z[0]), gradient=mode,
-                                      full_output=True)
+                                      jnp.stack([h, 0.0]), jnp.array([0.0, 3.0]), G, events=events,
+                                      gradient=mode, full_output=True)
             return info.event_time
 
-        return jax.make_jaxpr(jax.vmap(one))(jnp.array([1.0, 5.0])).jaxpr
+        return _root_finders(jax.make_jaxpr(jax.vmap(one))(jnp.array([1.0, 5.0])).jaxpr)
 
-    adjoint, checkpoint = _root_finders(impact("adjoint")), _root_finders(impact("checkpoint"))
-    assert adjoint and not any(adjoint)
-    assert any(checkpoint)  # the walk sees a root finder inside a loop
+    ground = jaxode.Event(lambda z, t, g: z[0])
+    never = jaxode.Event(lambda z, t, g: z[0] + 1e6, terminal=False)
+    assert root_finders([ground]) == [False]
+    assert root_finders([ground, never]) == [True, True]

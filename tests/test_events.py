@@ -258,35 +258,44 @@ def test_vmap_each_sample_its_own_events_and_batched():
         np.testing.assert_allclose(jax.grad(loss)(jnp.array(G)), exact, rtol=1e-7)
 
 
-@pytest.mark.parametrize("backwards", [False, True])
-def test_terminal_events_located_after_the_loop_as_in_it(backwards):
-    """The adjoint mode locates terminal events after its loop (``Loop.locate_events_after``),
-    the checkpoint mode's forward loop in the step itself: the same events, times, states,
-    outputs (NaN after t*) and statistics, under jax.vmap, with two events that fire alone,
-    in one step (the earlier wins) or not at all. The second event: time |t| reaching ``z[2]``."""
+@pytest.mark.parametrize("mode, backwards", [("adjoint", False), ("adjoint", True), ("backprop", False),
+                                            ("checkpoint", True)])
+def test_terminal_events_located_after_the_loop_as_in_it(mode, backwards):
+    """Terminal events only are located after the loop (``Loop.locate_events_after``); with a
+    non-terminal event among them (one that never fires), in the step itself. Both give the
+    same events, times, states, outputs (NaN after t*), statistics and gradients, under
+    jax.vmap, with two terminal events that fire alone, in one step (the earlier wins) or not
+    at all. The second event: time |t| reaching ``z[2]``."""
     sign = -1.0 if backwards else 1.0
     ts = sign * jnp.linspace(0.0, 2.0, 21)
     events = [GROUND, jaxode.Event(lambda z, t, p: sign * t - z[2], direction=1)]
+    never = jaxode.Event(lambda z, t, p: z[0] + 1e6, terminal=False)
     # impacts at sqrt(2h/g) = 0.45, 1.01, 1.195 (with |t| = 1.2 in the same step), 2.02, 2.47
     hs = jnp.array([1.0, 5.0, 7.0, 20.0, 30.0])
     cs = jnp.array([5.0, 5.0, 1.2, 1.2, 5.0])
 
-    def run(mode):
+    def run(events):
         def one(h, c):
             z0 = jnp.stack([h, 0.0, c])
             return jaxode.odesolve(ball, z0, ts, PARAMS, events=events, gradient=mode, full_output=True,
                                    rtol=1e-8, atol=1e-8)
 
-        return jax.jit(jax.vmap(one))(hs, cs)
+        def loss(hs):
+            ys, info = jax.vmap(one)(hs, cs)
+            reached = jnp.where(jnp.isnan(ys), 0, ys)
+            return jnp.sum(info.event_time) + jnp.sum(info.event_state) + jnp.sum(reached)
 
-    (ys, info), (ys_ref, ref) = run("adjoint"), run("checkpoint")
+        return jax.jit(jax.vmap(one))(hs, cs), jax.jit(jax.grad(loss))(hs)
+
+    ((ys, info), grad), ((ys_ref, ref), grad_ref) = run(events), run(events + [never])
     np.testing.assert_array_equal(ref.event_index, [0, 0, 0, 1, -1])
     for name in ("event_index", "num_events", "num_steps", "nfe", "status"):
         np.testing.assert_array_equal(getattr(info, name), getattr(ref, name), err_msg=name)
     np.testing.assert_allclose(info.event_time, ref.event_time, rtol=1e-15, atol=0)
-    np.testing.assert_allclose(info.event_state, ref.event_state, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(info.event_state, ref.event_state, rtol=1e-14, atol=1e-13)  # rounding
     np.testing.assert_array_equal(np.isnan(ys), np.isnan(ys_ref))
-    np.testing.assert_allclose(ys, ys_ref, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(ys, ys_ref, rtol=1e-14, atol=1e-13)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-10)
     np.testing.assert_allclose(info.event_time[:3], sign * np.sqrt(2 * np.asarray(hs[:3]) / G), rtol=1e-7)
     np.testing.assert_allclose(info.event_time[3:], sign * np.array([1.2, 2.0]), rtol=1e-14)
 
