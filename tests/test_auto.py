@@ -169,6 +169,23 @@ def test_spectral_radius():
         assert 0.8 * exact < rho < 1.2 * exact, (rho, exact)
 
 
+@pytest.mark.parametrize("lam, h", [(-50.0, 0.01), (-2.0, 0.3), (-1e3, 1e-4)])
+def test_explicit_steps_stiffness_estimate_is_h_lambda_on_a_linear_problem(monkeypatch, lam, h):
+    """On ``y' = λ y`` Hairer's estimate is exact: ``k_s - k_{s-1} = λ (y_new - Y_{s-1})``, so
+    the vote sees ``h·ρ = h|λ|`` after an explicit step (and, on ``y' = A y``, a value between
+    ``h`` times the smallest and the largest ``|λ|``)."""
+    seen = []
+    monkeypatch.setattr(AutoSwitch, "_vote", lambda self, state, h_rho: seen.append(h_rho) or state)
+    explicit = AUTO.phases()[0]
+    for A in (np.array([[lam]]), np.diag([lam, lam / 10])):
+        A = jnp.asarray(A)
+        field = lambda y, t, A=A: A @ y
+        y0 = jnp.ones(A.shape[0])
+        explicit.step(field, 0.0, y0, h, field(y0, 0.0), explicit.init(field, 0.0, y0, y0), h)
+    np.testing.assert_allclose(seen[0], h * abs(lam), rtol=1e-10)
+    assert h * abs(lam) / 10 * (1 - 1e-12) <= seen[1] <= h * abs(lam) * (1 + 1e-12)
+
+
 def test_validation():
     with pytest.raises(ValueError, match="error order"):
         AutoSwitch(METHODS["dopri5"], METHODS["rosenbrock23"])
