@@ -156,12 +156,9 @@ class AutoSwitch(Method):
             r = self.nonstiff.step(field, t, y, h, f0, (), t_end)
             ks = list(r.dense)
             h_y = jnp.asarray(h).astype(y.dtype)
-            a = self.nonstiff.tableau.a
-            # y_new - Y_{s-1} = h Σ_j (a_{s,j} - a_{s-1,j}) k_j (the last stage's input is y_new),
-            # without the cancellation of the difference; both norms in one reduction
-            dy = h_y * weighted_sum([w - v for w, v in zip(a[-1], tuple(a[-2]) + (0.0,))], ks)
-            squares = jnp.sum(jnp.stack([ks[-1] - ks[-2], dy]) ** 2, axis=-1)
-            rho = _ratio(jnp.sqrt(squares[0]), jnp.sqrt(squares[1]))
+            s = len(ks)
+            y_before = y + h_y * weighted_sum(self.nonstiff.tableau.a[s - 3], ks)  # stage s-1's input
+            rho = _ratio(jnp.linalg.norm(ks[-1] - ks[-2]), jnp.linalg.norm(r.y_new - y_before))
             coefficients = self.nonstiff.interpolant(field, t, y, h, r.dense, r.y_new, r.f_new)
             return pack(r, r.error[0], coefficients, rho)
 
