@@ -73,18 +73,23 @@ class DenseSolution(eqx.Module):
 
 
 def evaluate_steps(
-    steps: DenseSteps, t0, t1, direction, method: Method, t, extrapolate: bool = False, side: str = "right"
+    steps: DenseSteps, t0, t1, direction, method: Method, t, extrapolate: bool = False, side: str = "right",
+    search: str = "scan",
 ) -> Array:
     """The flat solution ``S + (n,)`` at the times ``t`` (shape ``S``) from the dense ``steps``
     of a solve from ``t0`` to ``t1``: NaN outside, or with ``extrapolate`` the first or last
     step's interpolant continued there. At a time where one step ends and the next begins, the
     next one (``side="right"``) or the one ending there (``"left"``, for a solve that runs back:
-    across a reset the state before it)."""
+    across a reset the state before it). ``search``: ``jnp.searchsorted``'s method for the step
+    (``"scan"``: a binary search, a loop of ``log2(K)`` iterations; ``"compare_all"``: one
+    comparison with each of the ``K`` steps, no loop: faster for few steps, as the
+    interpolating adjoint's 128)."""
     s = direction * t.astype(steps.t.dtype)
     s0, s1 = direction * t0, direction * t1
 
     def one(s):
-        k = jnp.clip(jnp.searchsorted(steps.t, s, side=side) - 1, 0, steps.t.shape[0] - 1)
+        k = jnp.searchsorted(steps.t, s, side=side, method=search)
+        k = jnp.clip(k - 1, 0, steps.t.shape[0] - 1)
         theta = (s - steps.t[k]) / steps.h[k]
         y = method.interpolate(steps.y[k], steps.coefficients[k], theta)
         return y if extrapolate else jnp.where((s >= s0) & (s <= s1), y, jnp.nan)

@@ -205,8 +205,9 @@ def _adjoint(f, theta, part: LoopState, t0, t1, a1, dt0, bwd_controls: Controls,
     direction = jnp.where(t1 >= t0, 1, -1).astype(span.dtype)
 
     def z_at(t):  # continued past the part's ends: some methods' stages lie beyond their step
+        # side="left": at a reset, a backward step starting there needs z⁻
         return evaluate_steps(part.dense, t0, direction * part.t, direction, method, t, extrapolate=True,
-                              side="left")  # at a reset, a backward step starting there needs z⁻
+                              side="left", search="compare_all")
 
     def adjoint_field(a, t):
         _, vjp = jax.vjp(lambda z: f(z, t, theta), z_at(t))

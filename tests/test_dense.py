@@ -113,3 +113,22 @@ def test_dense_after_failure_is_nan_past_final_time():
     assert int(info.status) == 1
     t_end = float(info.final_time)
     assert np.all(np.isfinite(sol(0.5 * t_end)["x"])) and np.all(np.isnan(sol(t_end + 0.1)["x"]))
+
+
+def test_step_search_without_a_loop_finds_the_same_steps():
+    """``evaluate_steps(search="compare_all")`` (the interpolating adjoint's: one comparison per
+    step, no loop) reads the same steps as the binary search, at step boundaries on either
+    side too, and its program has no loop."""
+    from jaxode.dense import evaluate_steps
+
+    _, sol = jaxode.odesolve(_field, Z0, jnp.array([0.0, 6.0]), 2.0, solver="tsit5", dense=True)
+    steps = sol.steps
+    bounds = steps.t[jnp.isfinite(steps.t)]
+    query = jnp.concatenate([bounds, jnp.asarray(np.random.default_rng(1).uniform(-0.5, 6.5, 41))])
+    for side in ("left", "right"):
+        at = lambda search, q: evaluate_steps(steps, sol.t0, sol.t1, sol.direction, sol.method, q,
+                                              extrapolate=True, side=side, search=search)
+        np.testing.assert_array_equal(at("compare_all", query), at("scan", query))
+        program = {s: str(jax.make_jaxpr(lambda q, s=s: at(s, q))(query)) for s in ("scan", "compare_all")}
+        assert "scan" in program["scan"]  # what the check would see
+        assert "scan" not in program["compare_all"] and "while" not in program["compare_all"]
