@@ -54,13 +54,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 from jax import Array, lax
 
 from .. import control
 from ..interpolation import hermite_coefficients
 from .base import Field, Method, StepResult
 from .explicit import weighted_sum
+from .lu import factor as lu_factor
+from .lu import solve as lu_solve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +219,7 @@ class ESDIRK(Method):
         h_y = jnp.asarray(h).astype(y.dtype)
         hg = h_y * tab.gamma
         jac = lax.stop_gradient(jax.jacfwd(field)(y, t))
-        lu = lax.stop_gradient(jsl.lu_factor(jnp.eye(n, dtype=y.dtype) - hg * jac))
+        lu = lax.stop_gradient(lu_factor(jnp.eye(n, dtype=y.dtype) - hg * jac))
         safe_hg = jnp.where(hg == 0, 1, hg)
         eps = jnp.finfo(state.eta.dtype).eps
         eta = jnp.maximum(state.eta, eps) ** 0.8
@@ -288,7 +289,7 @@ class ESDIRK(Method):
             return control.scaled_rms(delta, scale, ((0, y.shape[0]),))[0]
 
         def body(c: _Stage) -> _Stage:
-            delta = -jsl.lu_solve(lu, residual(c.y))
+            delta = -lu_solve(lu, residual(c.y))
             stage = c.y + delta
             size = norm(delta, stage)
             later = c.iterations >= 1
@@ -316,4 +317,4 @@ def _tangent_solve(linear, rhs):
     matrix = jax.jacfwd(linear)(jnp.zeros_like(rhs))
     finite = jnp.all(jnp.isfinite(matrix))
     matrix = jnp.where(finite, matrix, jnp.eye(rhs.shape[0], dtype=matrix.dtype))
-    return jnp.where(finite, jsl.lu_solve(jsl.lu_factor(matrix), rhs), 0)
+    return jnp.where(finite, lu_solve(lu_factor(matrix), rhs), 0)

@@ -60,12 +60,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from jax.scipy.linalg import lu_factor, lu_solve
 
 from .. import control
 from ..interpolation import evaluate
 from .base import Field, Method, StepResult
 from .explicit import weighted_sum
+from .lu import factor as lu_factor
+from .lu import solve as lu_solve
 
 __all__ = ["Rosenbrock", "RosenbrockTableau", "ROSENBROCK_TABLEAUS"]
 
