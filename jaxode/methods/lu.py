@@ -36,11 +36,30 @@ def factor(matrix: Array) -> LU:
 
 
 def solve(f: LU, b: Array) -> Array:
-    """``x`` with ``A x = b``, ``b`` of shape ``(n,)``, from ``f = factor(A)``."""
+    """``x`` with ``A x = b``, ``b`` of shape ``(n,)``, from ``f = factor(A)``. Small systems:
+    differentiated as a linear solve (``lax.custom_linear_solve``: a tangent or cotangent is one
+    more substitution, with ``A`` or ``Aᵀ``), not through the unrolled operations."""
     n = b.shape[0]
     if n > UNROLLED:
         return lu_solve((f.lu, f.pivots), b)
-    m, pb = f.lu, b[f.permutation]
+    return lax.custom_linear_solve(
+        lambda x: _matvec(f, x), b, lambda _, r: _substitute(f, r), lambda _, r: _substitute_transposed(f, r),
+    )
+
+
+def _unit_lower(f: LU) -> Array:
+    return jnp.tril(f.lu, -1) + jnp.eye(f.lu.shape[0], dtype=f.lu.dtype)
+
+
+def _matvec(f: LU, x: Array) -> Array:
+    """``A x = Pᵀ L U x``."""
+    y = _unit_lower(f) @ (jnp.triu(f.lu) @ x)
+    return jnp.zeros_like(y).at[f.permutation].set(y, unique_indices=True)
+
+
+def _substitute(f: LU, b: Array) -> Array:
+    """``U⁻¹ L⁻¹ P b``, written out entry by entry."""
+    n, m, pb = b.shape[0], f.lu, b[f.permutation]
     z = []
     for i in range(n):  # L z = P b
         zi = pb[i]
@@ -54,3 +73,22 @@ def solve(f: LU, b: Array) -> Array:
             xi = xi - m[i, j] * x[j]
         x[i] = xi / m[i, i]
     return jnp.stack(x)
+
+
+def _substitute_transposed(f: LU, b: Array) -> Array:
+    """``A⁻ᵀ b = Pᵀ L⁻ᵀ U⁻ᵀ b``, written out entry by entry."""
+    n, m = b.shape[0], f.lu
+    w = []
+    for i in range(n):  # Uᵀ w = b
+        wi = b[i]
+        for j in range(i):
+            wi = wi - m[j, i] * w[j]
+        w.append(wi / m[i, i])
+    v = [None] * n
+    for i in reversed(range(n)):  # Lᵀ v = w
+        vi = w[i]
+        for j in range(i + 1, n):
+            vi = vi - m[j, i] * v[j]
+        v[i] = vi
+    v = jnp.stack(v)
+    return jnp.zeros_like(v).at[f.permutation].set(v, unique_indices=True)
