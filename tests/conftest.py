@@ -180,6 +180,11 @@ SLOW_BUDGET_2 = {  # the clean-clone default run reached ~10 min with this sessi
     "tests/test_events.py::test_terminal_events_located_after_the_loop_as_in_it[backprop-False]",
     # its [checkpoint] case; test_bouncing_ball_heights_bounce_times_and_gradients[backprop]
     "tests/test_events.py::test_gradients_match_finite_differences[backprop]",
+    # test_esdirk.py::test_forward_mode_backprop_matches_finite_differences (forward mode through
+    # an implicit method's LU solves and its step)
+    "tests/test_rosenbrock.py::test_gradient_forward_mode_backprop",
+    # test_reversible_events.py's terminal-event and reset tests, one event each
+    "tests/test_reversible_events.py::test_several_events_resets_then_terminal",
 }
 SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run also pins down
     "tests/test_adjoint.py::test_seminorm_saves_backward_steps_at_equal_accuracy",
