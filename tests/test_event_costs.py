@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from grad_utils import sub_jaxprs
 
 import jaxode
 
@@ -56,24 +57,16 @@ def test_vmap_adds_no_field_or_condition_evaluations(mode):
     assert field_calls == nfe
 
 
-def _subjaxprs(eqn):
-    for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-            sub = getattr(sub, "jaxpr", sub)
-            if hasattr(sub, "eqns"):
-                yield sub
-
-
 def _root_finders(jaxpr, inside_loop=False, found=None):
     """For each root finder in ``jaxpr`` (``events.root``: a ``custom_jvp`` around a
     ``while_loop``): whether it runs inside a loop (``while_loop`` or ``scan``)."""
     found = [] if found is None else found
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        inner = [e.primitive.name for sub in _subjaxprs(eqn) for e in sub.eqns]
+        inner = [e.primitive.name for sub in sub_jaxprs(eqn) for e in sub.eqns]
         if name == "custom_jvp_call" and "while" in inner:
             found.append(inside_loop)
-        for sub in _subjaxprs(eqn):
+        for sub in sub_jaxprs(eqn):
             _root_finders(sub, inside_loop or name in ("while", "scan"), found)
     return found
 
