@@ -440,11 +440,9 @@ def locate_after_loop(loop, state):
     the last step is located there (as ``after_step`` would have); the state becomes ``(t*,
     z(t*))`` and the outputs after ``t*`` are NaN again."""
     carry = state.event
-    kept = carry.fired
+    kept, stopped = carry.fired, carry.stopped
     step = _Step(kept.t_h[0], kept.t_h[1], kept.y, kept.coeffs, state.t, state.y)
-    crossing = _crossing(loop, carry.c, carry.stopped, step)
-    k, s_star, y_star = _first_event(loop, step, crossing)
-    stopped = carry.stopped
+    k, s_star, y_star = _first_event(loop, step, _crossing(loop, carry.c, stopped, step))
     ys = state.ys
     if ys is not None:
         ys = jnp.where((stopped & (loop.s_ts > s_star))[:, None], jnp.nan, ys)

@@ -7,7 +7,8 @@ UNROLLED`` they are written out as array operations on the entries, which XLA fu
 kernels: on the CPU a LAPACK triangular solve is a library call of its own (~0.5 µs for a 3 x 3
 system, two per solve; a Rosenbrock step of ``rodas5p`` makes 8 solves). Beyond, ``n²`` unrolled
 operations would outgrow the calls, and ``solve`` is ``jax.scipy.linalg.lu_solve``. Both are
-the same substitutions in the same order, and both differentiable by JAX.
+the same substitutions in the same order. The unrolled ones are differentiated as a linear
+solve (``lax.custom_linear_solve``), not operation by operation.
 """
 
 from __future__ import annotations
@@ -59,36 +60,28 @@ def _matvec(f: LU, x: Array) -> Array:
 
 def _substitute(f: LU, b: Array) -> Array:
     """``U⁻¹ L⁻¹ P b``, written out entry by entry."""
-    n, m, pb = b.shape[0], f.lu, b[f.permutation]
-    z = []
-    for i in range(n):  # L z = P b
-        zi = pb[i]
-        for j in range(i):
-            zi = zi - m[i, j] * z[j]
-        z.append(zi)
-    x = [None] * n
-    for i in reversed(range(n)):  # U x = z
-        xi = z[i]
-        for j in range(i + 1, n):
-            xi = xi - m[i, j] * x[j]
-        x[i] = xi / m[i, i]
-    return jnp.stack(x)
+    m = f.lu
+    z = _triangular(lambda i, j: m[i, j], b[f.permutation], lower=True, unit=True)  # L z = P b
+    return _triangular(lambda i, j: m[i, j], z, lower=False, unit=False)  # U x = z
 
 
 def _substitute_transposed(f: LU, b: Array) -> Array:
     """``A⁻ᵀ b = Pᵀ L⁻ᵀ U⁻ᵀ b``, written out entry by entry."""
-    n, m = b.shape[0], f.lu
-    w = []
-    for i in range(n):  # Uᵀ w = b
-        wi = b[i]
-        for j in range(i):
-            wi = wi - m[j, i] * w[j]
-        w.append(wi / m[i, i])
-    v = [None] * n
-    for i in reversed(range(n)):  # Lᵀ v = w
-        vi = w[i]
-        for j in range(i + 1, n):
-            vi = vi - m[j, i] * v[j]
-        v[i] = vi
-    v = jnp.stack(v)
+    m = f.lu
+    w = _triangular(lambda i, j: m[j, i], b, lower=True, unit=False)  # Uᵀ w = b
+    v = _triangular(lambda i, j: m[j, i], w, lower=False, unit=True)  # Lᵀ v = w
     return jnp.zeros_like(v).at[f.permutation].set(v, unique_indices=True)
+
+
+def _triangular(entry, b: Array, lower: bool, unit: bool) -> Array:
+    """``x`` with ``T x = b`` for the triangular ``T`` whose ``(i, j)`` entry is ``entry(i, j)``
+    (only its ``lower`` or upper part is read; ``unit``: a diagonal of ones, not read), by
+    substitution, one entry of ``x`` after the other."""
+    n = b.shape[0]
+    x = [None] * n
+    for i in range(n) if lower else reversed(range(n)):
+        xi = b[i]
+        for j in range(i) if lower else range(i + 1, n):
+            xi = xi - entry(i, j) * x[j]
+        x[i] = xi if unit else xi / entry(i, i)
+    return jnp.stack(x)
