@@ -1,15 +1,19 @@
 """The cost of ``solver="auto"`` on non-stiff problems against plain ``tsit5`` (issue 14: at most
-~10% more).
+~10% more), and what it does on the stiff suite against ``rodas5p``.
 
 Three non-stiff problems, float64, rtol 1e-6, atol 1e-8, 21 outputs on ``[0, 20]``: a damped
 pendulum (n = 2, the nested driver), an MLP field ``tanh(z W) - 0.1 z`` with n = 32 (the flat
 driver), and the same field on a ``(64, 32)`` batch as one state. On a non-stiff problem auto
-takes tsit5's steps exactly (same ``nfe``); what it adds per step is Hairer's stiffness estimate
-(two norms) and the switching votes (on one problem the loop runs each method in its own inner
-loop, ``drivers._phased_while``; up to the release of 2026-11-30 a ``lax.cond`` chose the method
-at every step). Time: the fastest of ``--repeats`` calls of the jitted solve (steady state;
-fastest rather than median because the machine is shared), the two solvers' calls interleaved
-in rounds so that a change of the machine's load reaches both.
+takes tsit5's steps exactly (same ``nfe``); what it adds is a count-down to the next stiffness
+check per step and the checks themselves (after 16, 48, 112, ... steps: 8 JVPs of ``f`` each);
+on one problem the loop runs each phase in its own inner loop, ``drivers._phased_while``. Time:
+the fastest of ``--repeats`` calls of the jitted solve (steady state; fastest rather than
+median because the machine is shared), the two solvers' calls interleaved in rounds so that a
+change of the machine's load reaches both.
+
+Second table: the stiff suite of ``benchmarks/stiff.py`` (its problems, outputs and ``atol``
+scales) at rtol 1e-4, 1e-6, 1e-8: step attempts, Jacobians and time of ``auto`` against
+``rodas5p`` (fastest of 15 calls).
 
     python benchmarks/auto_overhead.py [--repeats 51] [--out benchmarks/results/auto_overhead.md]
 """
@@ -52,6 +56,27 @@ def fastest(fn, args, repeats: int) -> float:
         jax.block_until_ready(fn(*args))
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def stiff_rows(repeats: int = 15) -> list[list]:
+    """``[problem, rtol, (steps, Jacobians, seconds) for auto and rodas5p]`` on the stiff suite."""
+    from stiff import MAX_STEPS, PROBLEMS
+
+    rows = []
+    for pb in PROBLEMS.values():
+        field = lambda y, t, p, pb=pb: pb.field(y, t)
+        for rtol in (1e-4, 1e-6, 1e-8):
+            row = [pb.name, rtol]
+            for solver in ("auto", "rodas5p"):
+                options = dict(solver=solver, rtol=rtol, atol=rtol * pb.atol_scale, max_steps=MAX_STEPS,
+                               full_output=True, throw=False)
+                solve = jax.jit(lambda y0, o=options: jaxode.odesolve(field, y0, jnp.asarray(pb.ts), **o))
+                y0 = jnp.asarray(pb.y0)
+                info = solve(y0)[1]
+                row += [int(info.num_steps), int(info.num_jacobians), fastest(solve, (y0,), repeats)]
+            rows.append(row)
+            print(row, flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -99,6 +124,13 @@ def main(argv=None):
         "state keeps the per-step `lax.cond` (`drivers._PHASED_BYTES`: the cond around a phase "
         "copies the outputs, 1.16 there).",
     ]
+    lines += ["", "## On the stiff suite, against rodas5p", "",
+              "| problem | rtol | auto steps | Jacobians | time (ms) | rodas5p steps | time (ms) "
+              "| auto / rodas5p |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, rtol, n_a, j_a, t_a, n_r, _, t_r in stiff_rows():
+        cells = [name, f"{rtol:g}", n_a, j_a, f"{t_a * 1e3:.2f}", n_r, f"{t_r * 1e3:.2f}", f"{t_a / t_r:.2f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     with open(args.out, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

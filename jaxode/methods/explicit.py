@@ -57,19 +57,20 @@ class ExplicitRK(Method):
         return tuple(b for b in self.tableau.b if b != 0)
 
     def step(self, field: Field, t, y, h, f0, state, t_end) -> StepResult:
-        """One step; ``h`` and the times in the time dtype, the state increments with ``h``
-        cast to ``y``'s dtype, the error estimates in ``control.error_dtype``."""
+        """One step; ``h`` and the times in the time dtype; the stage combinations and the
+        error estimates in ``control.error_dtype`` (the state's dtype, at least float32: a
+        float16 or bfloat16 state is rounded once per stage input, not once per term)."""
         tab = self.tableau
         times = stage_times(tab, t, h, t_end)
-        h_y = jnp.asarray(h).astype(y.dtype)
-        ks, inputs = [f0], [y]
-        for a_i, t_i in zip(tab.a, times[1:]):
-            inputs.append(y + h_y * weighted_sum(a_i, ks))
-            ks.append(field(inputs[-1], t_i))
-        y_new = y + h_y * weighted_sum(tab.b, ks)
-        f_new = ks[-1] if tab.fsal else field(y_new, t_end)
         edtype = control.error_dtype(y.dtype)
-        h_e, ks_e = jnp.asarray(h).astype(edtype), [k.astype(edtype) for k in ks]
+        h_e, y_e = jnp.asarray(h).astype(edtype), y.astype(edtype)
+        ks, ks_e, inputs = [f0], [f0.astype(edtype)], [y]
+        for a_i, t_i in zip(tab.a, times[1:]):
+            inputs.append((y_e + h_e * weighted_sum(a_i, ks_e)).astype(y.dtype))
+            ks.append(field(inputs[-1], t_i))
+            ks_e.append(ks[-1].astype(edtype))
+        y_new = (y_e + h_e * weighted_sum(tab.b, ks_e)).astype(y.dtype)
+        f_new = ks[-1] if tab.fsal else field(y_new, t_end)
         errors = [h_e * weighted_sum(e, ks_e) for e in (tab.b_error, tab.b_error3) if e is not None]
         used = [i for i, b in enumerate(tab.b) if b != 0]
         nodes = (jnp.stack([inputs[i] for i in used]), jnp.stack([times[i] for i in used]))
