@@ -30,15 +30,14 @@ the next check, explicit steps with the check, Rosenbrock steps. Run by the plai
 drivers (``drivers.automatic``: the forward solve, the adjoint's forward pass) on one problem,
 the loop runs in phases, an inner ``while_loop`` per phase: no step pays for the choice, and a
 non-stiff solve pays for a check (``power_iterations`` JVPs of ``f``) after 16, 48, 112, ...
-steps. Elsewhere (under
-``jax.vmap``, in the differentiable drivers) one step runs under ``lax.switch``. The results are
-brought to one structure: the error estimate as one array, the dense output as the
-interpolant's coefficients (both quartic, in powers of ``θ``), and the quadrature nodes of
-Simpson's rule on the step (the midpoint from the dense output; for tsit5 this quadrature is
-4th order instead of its stages' 5th). Under ``jax.vmap`` (and ``batched=True``) ``lax.switch``
-with a batched index runs every branch on every step: there ``auto`` costs a Rosenbrock step
-and a check each step, whatever the problem; pick the method by hand if the batch is known to
-be (non-)stiff.
+steps. Elsewhere (under ``jax.vmap``, in the differentiable drivers) one step runs under
+``lax.switch``. The results are brought to one structure: the error estimate as one array,
+the dense output as the interpolant's coefficients (both quartic, in powers of ``θ``), and the
+quadrature nodes of Simpson's rule on the step (the midpoint from the dense output; for tsit5
+this quadrature is 4th order instead of its stages' 5th). Under ``jax.vmap`` (and
+``batched=True``) ``lax.switch`` with a batched index runs every branch on every step: there
+``auto`` costs a Rosenbrock step and a check each step, whatever the problem; pick the method
+by hand if the batch is known to be (non-)stiff.
 
 Counters (``Info``): ``nfe`` is that of the method that took each attempt (6 for tsit5, 8 for
 rodas5p; the check's JVPs are not counted), ``num_jacobians`` counts the Rosenbrock attempts.
@@ -234,10 +233,9 @@ class AutoSwitch(Method):
         votes = jnp.where(detected, state.votes + 1, 0)
         switch = votes >= self.to_stiff_after
         phase = jnp.where(switch, STIFF, jnp.where(detected, CHECK, EXPLICIT))
-        was_calm = state.votes == 0
-        interval = jnp.where(detected, self.check_every,
-                             jnp.where(was_calm, jnp.minimum(2 * state.interval, self.check_every_max),
-                                       self.check_every))
+        calm_again = ~detected & (state.votes == 0)  # this check and the one before
+        doubled = jnp.minimum(2 * state.interval, self.check_every_max)
+        interval = jnp.where(calm_again, doubled, self.check_every)
         return AutoState.of(phase, jnp.where(switch, 0, votes), jnp.where(switch, 0, interval), interval)
 
     def _vote_back(self, state: AutoState, h_rho) -> AutoState:
