@@ -156,7 +156,7 @@ SLOW_BUDGET_2 = {  # the clean-clone default run reached ~10 min with this sessi
     "tests/test_adjoint.py::test_pytree_state_and_float32",
     # test_nn.py (NeuralODE and MLPField in every mode)
     "tests/test_adjoint.py::test_equinox_mlp_as_params_and_as_field",
-    # test_reversible.py's vmap and batched tests; test_events.py's vmap test (other modes)
+    # test_reversible.py's vmap and batched tests; test_events.py's vmap and batched tests (other modes)
     "tests/test_reversible_events.py::test_vmap_and_batched_equal_a_loop",
     # test_adjoint.py::test_backward_info_counts_and_agrees_with_grad; test_batched's batched adjoint
     "tests/test_options.py::test_adjoint_backward_info_batched_matches_odesolve_batched",
@@ -186,6 +186,10 @@ SLOW_BUDGET_2 = {  # the clean-clone default run reached ~10 min with this sessi
     # test_reversible_events.py's terminal-event and reset tests, one event each
     "tests/test_reversible_events.py::test_several_events_resets_then_terminal",
 }
+SLOW_BUDGET_3 = {  # the default run took 15 min 49 s on a 2-core Intel Xeon (2026-12-01)
+    # its [checkpoint] case (the same loop differentiated in reverse) and [adjoint] case
+    "tests/test_events.py::test_batched_events_each_problem_its_own_and_exact_gradient[backprop]",
+}
 SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run also pins down
     "tests/test_adjoint.py::test_seminorm_saves_backward_steps_at_equal_accuracy",
     "tests/test_adjoint.py::test_vmap_of_gradient_equals_loop",
@@ -200,7 +204,7 @@ SLOW_TESTS = {  # whole tests whose property a cheaper test in the default run a
 def pytest_collection_modifyitems(config, items):
     for item in items:
         base = item.nodeid.split("[")[0]
-        cases = (SLOW_CASES, SLOW_BUDGET, SLOW_BUDGET_2, SLOW_REVERSIBLE_EVENTS)
+        cases = (SLOW_CASES, SLOW_BUDGET, SLOW_BUDGET_2, SLOW_BUDGET_3, SLOW_REVERSIBLE_EVENTS)
         slow_case = any(item.nodeid in ids for ids in cases)
         if slow_case or base in SLOW_TESTS or base in SLOW_TESTS_EVENTS:
             item.add_marker(pytest.mark.slow)

@@ -28,20 +28,28 @@ def weighted_loss(ys):
 
 
 def central_difference(fun, x, eps=1e-6):
-    """The gradient of scalar ``fun`` at the pytree ``x`` by central differences, leaf by leaf."""
+    """The gradient of scalar ``fun`` at the pytree ``x`` by central differences, leaf by leaf
+    (in float64; a float64 array leaf keeps its weak type, or each perturbed leaf would be a new
+    compile of the solve that ``fun`` calls)."""
     leaves, treedef = jax.tree_util.tree_flatten(x)
     grads = []
     for i, leaf in enumerate(leaves):
-        leaf = np.asarray(leaf, dtype=np.float64)
-        g = np.zeros_like(leaf)
-        for j in range(leaf.size):
-            e = np.zeros_like(leaf)
-            e.flat[j] = eps
-            plus = leaves[:i] + [jnp.asarray(leaf + e)] + leaves[i + 1 :]
-            minus = leaves[:i] + [jnp.asarray(leaf - e)] + leaves[i + 1 :]
+        g = np.zeros(np.shape(leaf), dtype=np.float64)
+        for j in range(g.size):
+            plus = leaves[:i] + [_moved(leaf, j, eps)] + leaves[i + 1 :]
+            minus = leaves[:i] + [_moved(leaf, j, -eps)] + leaves[i + 1 :]
             g.flat[j] = (fun(treedef.unflatten(plus)) - fun(treedef.unflatten(minus))) / (2 * eps)
         grads.append(g)
     return treedef.unflatten(grads)
+
+
+def _moved(leaf, j, delta):
+    """``leaf`` with its ``j``-th element moved by ``delta``, as a float64 array."""
+    if isinstance(leaf, jax.Array) and leaf.dtype == jnp.float64:
+        return leaf.reshape(-1).at[j].add(delta).reshape(leaf.shape)  # dtype and weak type kept
+    moved = np.array(leaf, dtype=np.float64)
+    moved.flat[j] += delta
+    return jnp.asarray(moved)
 
 
 def directional_difference(fun, x, direction, eps=1e-6):

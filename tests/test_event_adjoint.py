@@ -84,17 +84,17 @@ def neural_field():
                                   rtol=1e-10, atol=1e-10, **options)
         return info.event_time + jnp.sum(info.event_state**2)
 
-    return p, z0s, one
+    return p, z0s, one, jax.jit(jax.grad(one, argnums=(0, 1)))  # the last compiled once, shared
 
 
 def test_grad_of_vmap_carries_no_per_problem_parameter_adjoint(neural_field):
     """A neural field with a terminal event (64 weights, 3 starts): the gradient of the summed
     losses is the sum of the per-problem gradients, and no loop carries ``(3, ≥ 64)`` arrays
     (each problem's own parameter adjoint, as ``jax.vmap`` of the rule would)."""
-    p, z0s, one = neural_field
+    p, z0s, one, grad_one = neural_field
     total = lambda p, z0s: jnp.sum(jax.vmap(one, (0, None))(z0s, p))  # noqa: E731
     got = jax.jit(jax.grad(total, argnums=(0, 1)))(p, z0s)
-    singles = [jax.jit(jax.grad(one, argnums=(0, 1)))(z0, p) for z0 in z0s]
+    singles = [grad_one(z0, p) for z0 in z0s]
     for name in p:
         want = sum(s[1][name] for s in singles)
         np.testing.assert_allclose(got[0][name], want, rtol=1e-7, atol=1e-9)
@@ -106,11 +106,11 @@ def test_grad_of_vmap_carries_no_per_problem_parameter_adjoint(neural_field):
 def test_a_failed_problem_fails_the_shared_gradient_without_throw(neural_field):
     """With ``throw=False``, a problem whose solve fails (a NaN start) gets NaN ``∂L/∂z0``, the
     others their own gradients, and the shared parameters' gradient is NaN."""
-    p, z0s, one = neural_field
+    p, z0s, one, grad_one = neural_field
     z0s = z0s.at[1, 0].set(jnp.nan)
     total = lambda p, z0s: jnp.sum(jax.vmap(lambda z0, p: one(z0, p, throw=False), (0, None))(z0s, p))  # noqa: E731
     g_p, g_z = jax.jit(jax.grad(total, argnums=(0, 1)))(p, z0s)
     assert all(np.all(np.isnan(leaf)) for leaf in jax.tree_util.tree_leaves(g_p))
     assert np.all(np.isnan(g_z[1])) and np.all(np.isfinite(g_z[np.array([0, 2])]))
-    want = jax.jit(jax.grad(one))(z0s[0], p)
+    want = grad_one(z0s[0], p)[0]
     np.testing.assert_allclose(g_z[0], want, rtol=1e-7)
