@@ -252,8 +252,9 @@ def odesolve(
 
     Compilation cache: an eager call (outside ``jax.jit``) runs a compiled solve kept in a
     cache (``equinox.filter_jit``), keyed on ``f`` and the non-array parts of ``params`` (by
-    hash: for a function, its identity), the shapes and dtypes of the arrays (``z0``, ``ts``,
-    ``params``, the arrays held by an Equinox module ``f``) and the static options. A repeated
+    hash: for a function, its identity), the shapes, dtypes and weak types of the arrays (``z0``,
+    ``ts``, ``params``, the arrays held by an Equinox module ``f``: ``jnp.array(1.1)`` and
+    ``jnp.asarray(np.float64(1.1))`` are two keys) and the static options. A repeated
     call with the same ``f`` object costs about what a call inside ``jax.jit`` does; a fresh
     ``lambda`` on every call, or Python numbers as ``params`` that change, compile again.
     As with ``jax.jit``, a global array that ``f`` reads is baked into its compiled solve.
