@@ -4,15 +4,42 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
-import jax
+# Compiling is most of the suite's time (XLA's backend compiles: about 1,030 of its 1,750
+# CPU-seconds on a 2-core Intel Xeon), and the tests check what the library computes, not what
+# XLA makes of it. So, unless JAX_DISABLE_MOST_OPTIMIZATIONS is set (=0: compile as a user's
+# program is compiled), the suite compiles
+# - without most of XLA's optimisations (about a quarter less wall time), and
+# - with XLA's CPU loop emitters instead of its newer MLIR fusion emitters, which halves the
+#   backend compile (the default run: 7 min 41 s instead of 14 min 31 s on that machine).
+#   They compute the same operations, but two different programs that share a computation
+#   (``batched=True`` and ``jax.vmap``, say) may then round it differently in the last bits:
+#   tests of such equalities use ``assert_same_computation``.
+# The tests that measure the compiled code itself ask for the optimisations (`optimized`).
+FAST_COMPILE = "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ
+_LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flag: str) -> bool:
+    """Whether this jaxlib's XLA knows ``flag`` (it aborts the process on an unknown one)."""
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}", JAX_PLATFORMS="cpu")
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                           capture_output=True, timeout=300)
+    return probe.returncode == 0
+
+
+if FAST_COMPILE and "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+    if _xla_accepts(_LOOP_EMITTERS):  # set here, before JAX starts its backend; inherited by
+        # pytest-xdist's workers and the subprocesses of the tests
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_LOOP_EMITTERS}".strip()
+LOOP_EMITTERS = _LOOP_EMITTERS in os.environ.get("XLA_FLAGS", "")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
-# Compiling is most of the suite's time, and the tests check what the library computes, not
-# what XLA's optimiser makes of it: compile without most optimisations (about a quarter less
-# wall time). The tests that measure the compiled code itself ask for them (`optimized`).
-# Set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to run everything optimised.
-if "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
+if FAST_COMPILE:
     jax.config.update("jax_disable_most_optimizations", True)
 
 import numpy as np  # noqa: E402
@@ -48,6 +75,17 @@ def reference(fun, y0, ts, rtol=1e-13, atol=1e-14):
 def logistic_exact(t, y0=0.1, r=1.0):
     """The solution of ``y' = r y (1 - y)``, ``y(0) = y0``."""
     return 1.0 / (1.0 + (1.0 / y0 - 1.0) * np.exp(-r * np.asarray(t)))
+
+
+def assert_same_computation(actual, desired, rtol: float = 1e-13):
+    """Two programs that perform the same floating-point operations on the same inputs give the
+    same bits under XLA's default CPU code generation: asserted exactly. Under the suite's loop
+    emitters (``LOOP_EMITTERS``) each program is vectorised on its own and may round in the last
+    bits, so there it asserts agreement to ``rtol`` (relative, elementwise)."""
+    if LOOP_EMITTERS:
+        np.testing.assert_allclose(actual, desired, rtol=rtol, atol=0)
+    else:
+        np.testing.assert_array_equal(actual, desired)
 
 
 def failure_cause(exc: BaseException) -> str:

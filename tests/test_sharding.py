@@ -279,9 +279,10 @@ def _child() -> dict:  # noqa: C901 - one long script of checks, each recorded i
 
 
 def _run_child() -> dict:
-    import jax  # the child compiles like this process (tests/conftest.py: backend optimisations)
+    import jax  # the child compiles like this process (tests/conftest.py: optimisations, emitters)
 
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={NUM_DEVICES}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(),
                JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu",
                JAX_DISABLE_MOST_OPTIMIZATIONS=str(int(jax.config.read("jax_disable_most_optimizations"))))
     t0 = time.perf_counter()
