@@ -10,14 +10,17 @@ import sys
 # Compiling is most of the suite's time (XLA's backend compiles: about 1,030 of its 1,750
 # CPU-seconds on a 2-core Intel Xeon), and the tests check what the library computes, not what
 # XLA makes of it. So, unless JAX_DISABLE_MOST_OPTIMIZATIONS is set (=0: compile as a user's
-# program is compiled), the suite compiles
-# - without most of XLA's optimisations (about a quarter less wall time), and
-# - with XLA's CPU loop emitters instead of its newer MLIR fusion emitters, which halves the
-#   backend compile (the default run: 7 min 41 s instead of 14 min 31 s on that machine).
-#   They compute the same operations, but two different programs that share a computation
-#   (``batched=True`` and ``jax.vmap``, say) may then round it differently in the last bits:
-#   tests of such equalities use ``assert_same_computation``.
-# The tests that measure the compiled code itself ask for the optimisations (`optimized`).
+# program is compiled), the suite compiles without most of XLA's optimisations (about a quarter
+# less wall time); the tests that measure the compiled code itself ask for them (`optimized`).
+# The default selection (`-m 'not slow'`) also compiles with XLA's CPU loop emitters instead of
+# its newer MLIR fusion emitters (`pytest_configure`), which halves the backend compile: the
+# default run took 8 min 0 s instead of 14 min 31 s on that machine. They compute the same
+# operations, but two different programs that share a computation (``batched=True`` and
+# ``jax.vmap``, say) may then round it differently in the last bits: the default run's tests of
+# such equalities use ``assert_same_computation``. `-m slow` keeps XLA's default emitters: some
+# of its tests assert more such equalities, where a last-bit difference can grow (a checkpoint
+# gradient whose segments are recomputed by another program than the forward's steps: 1.9e-7
+# from backprop's under the loop emitters, equal bit for bit under the default ones).
 FAST_COMPILE = "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ
 _LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 
@@ -30,11 +33,22 @@ def _xla_accepts(flag: str) -> bool:
     return probe.returncode == 0
 
 
-if FAST_COMPILE and "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
-    if _xla_accepts(_LOOP_EMITTERS):  # set here, before JAX starts its backend; inherited by
-        # pytest-xdist's workers and the subprocesses of the tests
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_LOOP_EMITTERS}".strip()
-LOOP_EMITTERS = _LOOP_EMITTERS in os.environ.get("XLA_FLAGS", "")
+def pytest_configure(config):
+    """The loop emitters for the default selection, set before JAX starts its backend (collection
+    comes later) by the main process only: pytest-xdist's workers, spawned after this, and the
+    tests' subprocesses inherit its ``XLA_FLAGS``."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    default_selection = config.option.markexpr.strip() == "not slow"
+    if os.environ.get("PYTEST_XDIST_WORKER") or not (FAST_COMPILE and default_selection):
+        return
+    if "xla_cpu_use_fusion_emitters" not in flags and _xla_accepts(_LOOP_EMITTERS):
+        os.environ["XLA_FLAGS"] = f"{flags} {_LOOP_EMITTERS}".strip()
+
+
+def loop_emitters() -> bool:
+    """Whether this run compiles with XLA's CPU loop emitters."""
+    return _LOOP_EMITTERS in os.environ.get("XLA_FLAGS", "")
+
 
 import jax  # noqa: E402
 
@@ -80,9 +94,9 @@ def logistic_exact(t, y0=0.1, r=1.0):
 def assert_same_computation(actual, desired, rtol: float = 1e-13):
     """Two programs that perform the same floating-point operations on the same inputs give the
     same bits under XLA's default CPU code generation: asserted exactly. Under the suite's loop
-    emitters (``LOOP_EMITTERS``) each program is vectorised on its own and may round in the last
+    emitters (``loop_emitters()``) each program is vectorised on its own and may round in the last
     bits, so there it asserts agreement to ``rtol`` (relative, elementwise)."""
-    if LOOP_EMITTERS:
+    if loop_emitters():
         np.testing.assert_allclose(actual, desired, rtol=rtol, atol=0)
     else:
         np.testing.assert_array_equal(actual, desired)

@@ -347,8 +347,8 @@ def test_event_parameters_held_by_an_equinox_condition():
 @pytest.mark.parametrize("mode", [*MODES, "reversible"])
 def test_max_events(mode):
     """``max_events`` = the events that fire (2): the same outputs and gradient as without it,
-    bit for bit (``assert_same_computation``); one fewer: the solve fails naming ``max_events`` (raised under jit, gradient
-    included), or NaN outputs and gradient with ``throw=False``."""
+    bit for bit (``assert_same_computation``); one fewer: the solve fails naming ``max_events``
+    (raised under jit, gradient included), or NaN outputs and gradient with ``throw=False``."""
 
     def loss(e, max_events, throw=True):
         ys = jaxode.odesolve(ball, jnp.array([H0, 0.0, 0.0]), jnp.linspace(0.0, 5.0, 3), {"g": G, "e": e},
