@@ -208,3 +208,19 @@ def test_rejected_overflowing_step_leaves_gradients_finite(mode):
     g_z0, g_p = jax.jit(jax.grad(loss, argnums=(0, 1)))(ONE, 1.0)
     np.testing.assert_allclose(g_z0, [(1 + 2 * t1) ** -1.5], rtol=2e-5)
     np.testing.assert_allclose(g_p, -t1 * (1 + 2 * t1) ** -1.5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["backprop", "checkpoint"])
+def test_rejected_overflowing_step_of_one_vmapped_problem(mode):
+    """The same under ``jax.vmap``, where one problem's first attempts overflow (z0 = 1) and the
+    other's do not (z0 = 1e-3): the shared parameter's gradient is the sum of both exact ones,
+    ∂z(t)/∂p = -t z0³ (1 + 2 p z0² t)^{-3/2} at p = 1."""
+    t1, z0s = 100.0, jnp.array([[1.0], [1e-3]])
+
+    def loss(p):
+        solve = lambda z0: jaxode.odesolve(_cubic_decay, z0, jnp.array([0.0, t1]), p, gradient=mode, dt0=t1,
+                                           **TIGHT)
+        return jnp.sum(jax.vmap(solve)(z0s)[:, -1])
+
+    want = sum(-t1 * z0**3 * (1 + 2 * z0**2 * t1) ** -1.5 for z0 in (1.0, 1e-3))
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(1.0), want, rtol=2e-5)
