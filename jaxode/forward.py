@@ -85,8 +85,13 @@ def _no_derivative_where_nonfinite(field: FlatField) -> FlatField:
 
     Such an evaluation belongs to a step attempt that is rejected (or to a failed solve): its
     cotangents are zero, but ``0 · ∂f/∂z`` with an infinite ``∂f/∂z`` (``z³`` at an overflowed
-    stage, say) is NaN and would poison every gradient. The derivative is masked on both
-    sides, ``where(ok, J where(ok, v, 0), 0)``, so that its transpose is masked too.
+    stage, say) is NaN and would poison every gradient. So the derivative is taken from
+    ``jax.linearize``, with the residuals of a non-finite evaluation set to 0 (those that are
+    the field's parameters themselves kept: they are finite and shared), and its tangent masked,
+    ``where(ok, J₀ v, 0)``: the transpose, ``J₀ᵀ where(ok, c, 0)``, is then ``0 · 0``. Masking
+    the residuals rather than the parameters' tangent keeps that tangent shared under
+    ``jax.vmap``, where a per-element mask would make the parameters' tangents and transposed
+    products per element (a weight-sized array per element and stage).
     """
 
     @jax.custom_jvp
@@ -96,14 +101,20 @@ def _no_derivative_where_nonfinite(field: FlatField) -> FlatField:
     @masked.defjvp
     def _jvp(primals, tangents):
         y, t = primals[:2]
-        out = field(*primals)
+        out, linear = jax.linearize(field, *primals)
         ok = jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(t)) & jnp.all(jnp.isfinite(out))
+        shared = {id(x) for x in jax.tree_util.tree_leaves(primals[2:])}
+
+        def zero_unless_ok(r):
+            if id(r) in shared:
+                return r
+            return jnp.where(ok, r, jnp.zeros((), jnp.result_type(r)))
 
         def mask(v):
             dtype = jnp.result_type(v)
             return jnp.where(ok, v, 0).astype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else v
 
-        _, t_out = jax.jvp(field, primals, jax.tree_util.tree_map(mask, tangents))
-        return out, mask(t_out)
+        t_out = jax.tree_util.tree_map(zero_unless_ok, linear)(*tangents)
+        return out, jax.tree_util.tree_map(mask, t_out)
 
     return masked

@@ -27,7 +27,12 @@ the vector field's own intermediates):
 Under ``jax.vmap`` a batched predicate would turn ``lax.cond`` into a select that runs both
 branches, and every block would run; so a block is skipped when the loop has finished for
 every element of the batch (``max_in_batch``), and inside a block that runs, the iterations of
-finished elements are masked, and those after every element has finished skipped. The bodies
+finished elements are masked, and those after every element has finished skipped. A masked
+iteration is a select, ``where(going, body(where(going, state, init)), state)``, not a
+``lax.cond`` on the batched predicate: JAX would make that a select too, but of branches that
+take every array the body closes over per element (an MLP's weights copied per element, and
+stacked per iteration by the scans), and a finished element steps from the loop's initial
+state, whose step is finite (no ``0 · inf`` in the transpose). The bodies
 run then follow the most steps any element takes, not ``max_steps``; but, with or without
 ``jax.vmap``, every block and iteration the scans skip still stores its (zero) residuals and
 the reverse pass reads them back, so the gradient's time grows with ``max_steps`` too, if more
@@ -90,20 +95,24 @@ def checkpointed_while(
     def iteration(state, _):
         going = cond(state)
 
-        def masked(state):  # under jax.vmap a select: the elements that have finished keep their state
-            return lax.cond(going, body, lambda s: s, state)
+        def masked(state):  # under jax.vmap: see the module docstring
+            pick = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(going, x, y), a, b)
+            return pick(body(pick(state, init)), state)
 
         return lax.cond(max_in_batch(going), masked, lambda s: s, state), None
 
     def skip_unless_running(run):
         return lambda state, _: (lax.cond(max_in_batch(cond(state)), run, lambda s: s, state), None)
 
-    @jax.checkpoint
     def run_block(state):
         return lax.scan(iteration, state, None, length=block)[0]
 
+    # the checkpoint around the branch: its saved inputs, the arrays the body closes over
+    # included, are then the scan's invariants, not outputs of a branch stacked for every block
+    block_step = jax.checkpoint(skip_unless_running(run_block))
+
     def run_group(state):
-        return lax.scan(skip_unless_running(run_block), state, None, length=group)[0]
+        return lax.scan(block_step, state, None, length=group)[0]
 
     return lax.scan(skip_unless_running(run_group), init, None, length=num_groups)[0]
 
