@@ -153,10 +153,12 @@ CAUSES = {
         "under `jax.vmap`, so the weights' tangents and transposed products were per element; "
         "and the masked iteration's batched `lax.cond` took the weights per element too. Now the "
         "guard zeroes the residuals of a non-finite evaluation (`jax.linearize`) and the "
-        "iteration is a select that steps finished elements from the initial state: 110-166 ms "
-        "instead of 1.17-1.48 s at max_steps 256-4096 on the 2-core Intel Xeon (one state "
-        "unchanged, 92-156 ms), with `test_rejected_overflowing_step_of_one_vmapped_problem` "
-        "checking the guard under `jax.vmap`. The growth with `max_steps` (1.5x) remains."
+        "iteration is a select that steps finished elements from the initial state: 110 / 153 / "
+        "189 ms at max_steps 256 / 1024 / 4096 on the 2-core Intel Xeon, one state 108 / 116 / "
+        "202 ms (`benchmarks/results/traps.md`; before: 1.17-1.48 s under vmap, the same gradient "
+        "timed by a scratch copy of the task), "
+        "with `test_rejected_overflowing_step_of_one_vmapped_problem` checking the guard under "
+        "`jax.vmap`. The growth with `max_steps` (1.7-1.9x) remains."
     ),
     "T8": (
         "The compiled solve is cached (`equinox.filter_jit` inside `odesolve`, keyed on `f`'s "
