@@ -39,7 +39,7 @@ from jax import Array, lax
 
 from . import errors
 from .loop import Loop, LoopState, write_while
-from .while_loops import checkpointed_while, custom_vjp_while, hoist
+from .while_loops import checkpointed_while, custom_vjp_while, hoist, residual_bytes, tree_bytes
 
 # XLA's CPU runtime runs a loop body inline when every buffer it touches is at most this big
 # (ThunkExecutor's execute_sequential_buffer_threshold), else through its dataflow executor.
@@ -134,9 +134,23 @@ def automatic(build: Build) -> LoopState:
 def backprop(build: Build) -> LoopState:
     loop = build(True)
     body = lambda state: loop.step(state)[0]
-    stages = loop.method.num_stages
-    state = checkpointed_while(loop.running, body, loop.init(), loop.max_steps, residual_ratio=stages)
+    init = loop.init()
+    ratio = _step_residual_ratio(loop, init)
+    state = checkpointed_while(loop.running, body, init, loop.max_steps, residual_ratio=ratio)
     return loop.finish(state)
+
+
+def _step_residual_ratio(loop: Loop, init: LoopState) -> float:
+    """``R / S`` of a step for ``checkpointed_while``'s block length: ``R``, what the reverse
+    pass keeps of a step, about its ``s`` stages and the residuals of their field evaluations,
+    ``s (n + field's)``; ``S``, the carry the step reads (the outputs are written, never read:
+    the block checkpoint does not keep them). For an MLP field ``R / S`` is ~100, not ``s``."""
+    try:
+        field = residual_bytes(lambda y: loop.field(y, init.t), init.y)
+    except Exception:  # a field JAX cannot differentiate: nor can the loop be, any block will do
+        field = 0
+    stages = loop.method.num_stages * (field + tree_bytes(init.y))
+    return stages / max(1, tree_bytes(init._replace(ys=None, dense=None)))
 
 
 def checkpoint(build: Build) -> LoopState:

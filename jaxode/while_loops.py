@@ -22,7 +22,18 @@ the vector field's own intermediates):
   costs no body, only its stored input and a branch;
 * memory: the block inputs, ``(max_steps / B) · S``, plus the residuals of one block, ``B · R``
   — independent of ``N``. ``B = sqrt(max_steps · S / R)`` minimises it, ``2 sqrt(max_steps · S · R)``;
-  the loop passes ``B = ceil(sqrt(max_steps / s))``, i.e. ``O(sqrt(max_steps · s) · S)`` memory.
+  the caller passes ``R / S`` (``residual_ratio``; ``residual_bytes`` measures ``R``). ``S`` counts
+  the state the body reads: a leaf it only writes (a solve's outputs) is not saved by the
+  block checkpoint. For a Runge–Kutta step with an MLP field ``R / S`` is ~100, not ``s``.
+
+A linearised ``lax.cond`` outputs the residuals of both branches, zeros for the branch not
+taken. So the block's skip branch sits inside a ``jax.checkpoint`` (its residuals: the
+block's input, the arrays the body closes over being the scan's invariants, not stacked per
+block), and the block itself inside a second one: when the reverse pass recomputes a skipped
+block, the zeros it writes are one block input, not the ``B · R`` residuals of a block's
+iterations. (mlp-batch, max_steps 4096: the reverse pass 1.1x faster as one state, 1.9x under
+``jax.vmap``; a running block is still recomputed once, the outer checkpoint's recomputation
+of the inner one being dead code.)
 
 Under ``jax.vmap`` a batched predicate would turn ``lax.cond`` into a select that runs both
 branches, and every block would run; so a block is skipped when the loop has finished for
@@ -33,10 +44,11 @@ iteration is a select, ``where(going, body(where(going, state, init)), state)``,
 take every array the body closes over per element (an MLP's weights copied per element, and
 stacked per iteration by the scans), and a finished element steps from the loop's initial
 state, whose step is finite (no ``0 · inf`` in the transpose). The bodies
-run then follow the most steps any element takes, not ``max_steps``; but, with or without
-``jax.vmap``, every block and iteration the scans skip still stores its (zero) residuals and
-the reverse pass reads them back, so the gradient's time grows with ``max_steps`` too, if more
-slowly (``benchmarks/RESULTS.md``, T7: 1.7-1.9x from 256 to 4096 on mlp-batch).
+run then follow the most steps any element takes, not ``max_steps``. What still grows with
+``max_steps``, with or without ``jax.vmap``, is the memory laid out, ``O(sqrt(max_steps))``:
+the skipped blocks' (zero) inputs are written and read back, and buffers beyond glibc's
+``mmap`` threshold are mapped afresh, page by page, at every call (``benchmarks/RESULTS.md``,
+T7).
 
 **custom_vjp_while** (reverse mode only) computes the same derivative with a ``jax.custom_vjp``
 around a plain ``lax.while_loop``, whose cost does not depend on ``max_steps``:
@@ -107,14 +119,31 @@ def checkpointed_while(
     def run_block(state):
         return lax.scan(iteration, state, None, length=block)[0]
 
-    # the checkpoint around the branch: its saved inputs, the arrays the body closes over
-    # included, are then the scan's invariants, not outputs of a branch stacked for every block
-    block_step = jax.checkpoint(skip_unless_running(run_block))
+    # two checkpoints: see the module docstring
+    block_step = jax.checkpoint(skip_unless_running(jax.checkpoint(run_block)))
 
     def run_group(state):
         return lax.scan(block_step, state, None, length=group)[0]
 
     return lax.scan(skip_unless_running(run_group), init, None, length=num_groups)[0]
+
+
+def residual_bytes(body: Callable[[State], State], init: State) -> int:
+    """The bytes the reverse pass keeps from one ``body(init)``: the residuals of
+    ``jax.vjp(body, init)``, less the arrays ``body`` closes over (a ``scan`` keeps those once).
+    Costs one more trace of ``body``."""
+    closed = jax.make_jaxpr(lambda s: jax.tree_util.tree_leaves(jax.vjp(body, s)[1]))(init)
+    shared = set(map(id, closed.jaxpr.constvars))
+    return sum(_nbytes(v.aval) for v in closed.jaxpr.outvars if id(v) not in shared and hasattr(v, "aval"))
+
+
+def tree_bytes(tree: Any) -> int:
+    """The bytes of the arrays of a pytree."""
+    return sum(_nbytes(jax.typeof(x)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _nbytes(aval) -> int:
+    return math.prod(aval.shape) * aval.dtype.itemsize
 
 
 @jax.custom_batching.custom_vmap

@@ -34,3 +34,18 @@ def test_drivers_agree(name, options):
         for field in ("num_steps", "num_rejected", "nfe", "status"):
             got, want = getattr(info_of(state, 1), field), getattr(info_of(ref, 1), field)
             assert int(got) == int(want), (driver, field)
+
+
+def test_backprop_solve_of_a_field_jax_cannot_differentiate():
+    """``gradient="backprop"`` sizes its blocks from the field's measured residuals, a
+    ``jax.vjp`` traced at trace time; a field JAX cannot differentiate (a ``pure_callback``)
+    must still solve when nothing differentiates it (it raised "Pure callbacks do not support
+    JVP" at that measurement)."""
+    import jaxode
+
+    def f(z, t, k):
+        return jax.pure_callback(lambda z: -np.asarray(z), jax.ShapeDtypeStruct(z.shape, z.dtype), z)
+
+    ts = jnp.array([0.0, 1.0])
+    ys = jaxode.odesolve(f, jnp.ones(2), ts, None, gradient="backprop", rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(ys)[-1], np.exp(-1.0) * np.ones(2), rtol=1e-6)

@@ -13,7 +13,7 @@ from grad_utils import PARAMS, TOL, TS, Z0, central_difference, forced_oscillato
 from jax import lax
 
 import jaxode
-from jaxode.while_loops import checkpointed_while, custom_vjp_while
+from jaxode.while_loops import checkpointed_while, custom_vjp_while, residual_bytes, tree_bytes
 
 
 @pytest.mark.parametrize("max_steps", [1, 7, 64, 1000])
@@ -311,3 +311,14 @@ def test_vmapped_backprop_cost_does_not_grow_with_max_steps():
         return len(evaluations)
 
     assert count(1024) <= count(64)
+
+
+def test_residual_bytes_counts_what_the_reverse_pass_keeps():
+    """``residual_bytes``, which sets backprop's block length: a function linear in its input
+    keeps nothing (the closed-over matrix is kept once by a scan, not per iteration); ``tanh(x
+    W)`` keeps at least its ``(5, 16)`` value; ``tree_bytes`` adds up a pytree's arrays."""
+    w, x = jnp.ones((8, 16)), jnp.ones((5, 8))
+    size = x.dtype.itemsize
+    assert residual_bytes(lambda x: x @ w, x) == 0
+    assert 5 * 16 * size <= residual_bytes(lambda x: jnp.tanh(x @ w), x) <= 3 * 5 * 16 * size
+    assert tree_bytes((x, w, {"i": jnp.ones(3, jnp.int8)})) == (5 * 8 + 8 * 16) * size + 3
