@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -135,13 +137,34 @@ def check_ts(ts) -> Array:
     if not jnp.issubdtype(ts.dtype, jnp.floating):
         ts = ts.astype(jnp.result_type(float))
     if is_concrete(ts):
-        v = np.asarray(ts)
-        if not np.all(np.isfinite(v)):
-            raise ValueError("ts must be finite, got a NaN or inf")
-        d = np.diff(v)
-        if not (np.all(d > 0) or np.all(d < 0)):
-            raise ValueError("ts must be strictly increasing or strictly decreasing")
+        _check_values_once("ts", ts, _check_ts_values)
     return ts
+
+
+def _check_ts_values(ts) -> None:
+    v = np.asarray(ts)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("ts must be finite, got a NaN or inf")
+    d = np.diff(v)
+    if not (np.all(d > 0) or np.all(d < 0)):
+        raise ValueError("ts must be strictly increasing or strictly decreasing")
+
+
+# the JAX arrays whose values passed a check, by (check, id): a JAX array is immutable, so an
+# eager call given the same array again (a training loop's ts, z0) skips the host transfer
+_VALUES_CHECKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _check_values_once(kind: str, x, check: Callable) -> None:
+    """``check(x)``, skipped for a JAX array that passed it before."""
+    if not isinstance(x, jax.Array):  # a NumPy array may change in place: always checked
+        return check(x)
+    key = (kind, id(x))
+    if _VALUES_CHECKED.get(key) is x:
+        return None
+    check(x)
+    _VALUES_CHECKED[key] = x
+    return None
 
 
 def runtime_check_ts(ts) -> Array:
@@ -158,15 +181,20 @@ def check_z0(z0) -> None:
     if not leaves:
         raise ValueError("z0 must hold at least one array")
     for i, leaf in enumerate(leaves):
-        dtype = jnp.result_type(leaf)
+        dtype = leaf.dtype if isinstance(leaf, jax.Array) else jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
                 f"z0 must hold floating-point (or complex) arrays, got dtype {dtype}; "
                 "convert it, e.g. jnp.asarray(z0, dtype=float)"
             )
-        if is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
+        if is_concrete(leaf):
             where = "" if len(leaves) == 1 else f" (leaf {i})"
-            raise ValueError(f"z0 must be finite: the initial state{where} holds a NaN or inf")
+            _check_values_once("z0", leaf, lambda v, where=where: _check_finite_z0(v, where))
+
+
+def _check_finite_z0(leaf, where: str) -> None:
+    if not np.all(np.isfinite(np.asarray(leaf))):
+        raise ValueError(f"z0 must be finite: the initial state{where} holds a NaN or inf")
 
 
 def is_empty(z0) -> bool:

@@ -43,6 +43,27 @@ def test_bad_ts(ts, match):
         jaxode.odesolve(field, Z0, ts)
 
 
+def test_value_checks_of_an_array_given_again():
+    """An eager call skips the value checks of a JAX array it checked before (immutable), but a
+    NumPy array changed in place is checked again, and a new bad JAX array is caught."""
+    ts = jnp.array([0.0, 1.0, 2.0])
+    for _ in range(2):
+        np.testing.assert_allclose(np.asarray(jaxode.odesolve(field, Z0, ts))[:, 0], np.cos([0.0, 1.0, 2.0]),
+                                   rtol=1e-5)
+    ts_np = np.array([0.0, 1.0, 2.0])
+    jaxode.odesolve(field, Z0, ts_np)
+    ts_np[2] = 0.5
+    with pytest.raises(ValueError, match="strictly"):
+        jaxode.odesolve(field, Z0, ts_np)
+    z0_np = np.array([1.0, 0.0])
+    jaxode.odesolve(field, z0_np, TS)
+    z0_np[1] = np.nan
+    with pytest.raises(ValueError, match="z0 must be finite"):
+        jaxode.odesolve(field, z0_np, TS)
+    with pytest.raises(ValueError, match="finite"):
+        jaxode.odesolve(field, Z0, ts.at[1].set(jnp.nan))
+
+
 def test_bad_ts_shape_raises_under_jit_at_trace_time():
     with pytest.raises(ValueError, match="1-D"):
         jax.jit(lambda ts: jaxode.odesolve(field, Z0, ts))(jnp.zeros((3, 1)))

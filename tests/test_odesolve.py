@@ -414,3 +414,30 @@ def test_repeated_eager_calls_trace_the_field_once():
         np.testing.assert_allclose(np.asarray(ys[:, 0]), np.exp(-k * np.asarray(TS_DECAY)), rtol=1e-5)
     assert len(traces) == count, "an eager call with the same f, shapes and options traced f again"
     np.testing.assert_allclose(np.asarray(first[:, 0]), DECAY, rtol=1e-5)
+
+
+def test_eager_cache_keys_python_numbers_by_type_and_falls_back_when_unhashable():
+    """The compiled-solve cache keys a Python number in ``params`` by type and value: ``2`` and
+    ``2.0`` (equal, the same hash) are two compiled solves, and ``f`` sees the type it was
+    given. A non-array leaf that cannot be hashed solves without the cache, correctly."""
+    seen = []
+
+    def f(z, t, k):
+        seen.append(type(k))
+        return -k * z
+
+    ts = jnp.array([0.0, 0.5])
+    for k in (2, 2.0):
+        ys = jaxode.odesolve(f, jnp.ones(1), ts, k)
+        np.testing.assert_allclose(np.asarray(ys)[-1], np.exp(-1.0), rtol=1e-5)
+    assert set(seen) == {int, float}
+
+    class Rate:  # not hashable: defines __eq__ without __hash__
+        def __init__(self, k):
+            self.k = k
+
+        def __eq__(self, other):
+            return isinstance(other, Rate) and other.k == self.k
+
+    ys = jaxode.odesolve(lambda z, t, r: -r.k * z, jnp.ones(1), ts, Rate(2.0))
+    np.testing.assert_allclose(np.asarray(ys)[-1], np.exp(-1.0), rtol=1e-5)
