@@ -125,56 +125,51 @@ CAUSES = {
         "without costing the steady state was found."
     ),
     "T7": (
-        "The time of `gradient=\"backprop\"` grows with the memory it lays out, which is "
-        "`O(sqrt(max_steps))` by design (`jaxode/while_loops.py`: the block inputs of every "
-        "block, `(max_steps / B) S`, plus one block's residuals, `B R`). The scans skip the "
-        "computation of finished blocks and groups, but a `lax.scan` stacks its residuals for "
-        "every iteration and a linearised `lax.cond` outputs the residuals of both branches, "
-        "so the skipped blocks' inputs and residuals are still written (as zeros) and read "
-        "back in the reverse pass. Profiled on `checkpointed_while` alone (a `sin` body over a 100k-float "
-        "state, 30 iterations, residual ratio 7): gradient 27 ms at max_steps 256, 146 ms at "
-        "4096, 2.2 s with one iteration per block (4096 blocks), while the forward stays at "
-        "~4.5 ms. Both kinds of skipping cost: with the block length B varied at max_steps 4096 "
-        "(same state, residual ratio 1), B = 16 (256 blocks) took 115 ms, B = 64 96 ms, B = 203 "
-        "(173 skipped iterations in the one block that ran) 89 ms, against 24 ms at max_steps 256: "
-        "~0.4 ms per skipped block or skipped iteration, a few copies of the 400 kB state each. "
-        "A `jax.checkpoint` around each group (a skipped group then stores only its input) did "
-        "not change this measurably. Under `jax.vmap` the same traffic is there, over the batch's states and "
-        "residuals, on top of a gradient that already costs ~10x the one-state one at any "
-        "`max_steps` (mlp-batch, batch 128: 0.7-1.1 s against ~0.1 s on this machine). "
-        "`gradient=\"checkpoint\"` (a `custom_vjp` around a plain "
-        "while loop) has no such term: use it for reverse mode. "
-        "Under `jax.vmap` the gradient cost ~10x the one-state one until 2026-12-01: the "
-        "arrays of its jaxpr (max_steps 4096, batch 128) held per-element copies of the MLP's "
-        "weights, e.g. `f32[25,128,128,128]` (block length x batch x a 128x128 weight, 200 MiB; "
-        "8 of them). The field's derivative masked the tangents of all its inputs, the weights' "
-        "included, where an evaluation is not finite (`forward._no_derivative_where_nonfinite`: "
-        "a rejected, overflowing step's `0 * inf` must not poison the gradient), per element "
-        "under `jax.vmap`, so the weights' tangents and transposed products were per element; "
-        "and the masked iteration's batched `lax.cond` took the weights per element too. Now the "
-        "guard zeroes the residuals of a non-finite evaluation (`jax.linearize`) and the "
-        "iteration is a select that steps finished elements from the initial state: 110 / 153 / "
-        "189 ms at max_steps 256 / 1024 / 4096 on the 2-core Intel Xeon, one state 108 / 116 / "
-        "202 ms (`benchmarks/results/traps.md`; before: 1.17-1.48 s under vmap, the same gradient "
-        "timed by a scratch copy of the task), "
-        "with `test_rejected_overflowing_step_of_one_vmapped_problem` checking the guard under "
-        "`jax.vmap`. The growth with `max_steps` (1.7-1.9x) remains."
+        "The memory `gradient=\"backprop\"` lays out grows like `sqrt(max_steps)` by design "
+        "(`jaxode/while_loops.py`: the inputs of all `max_steps / B` blocks, `S` each, and one "
+        "block's residuals, `B R`), and so did its time: the scans skip the computation of "
+        "finished blocks and groups, but a linearised `lax.cond` outputs the residuals of both "
+        "branches, so skipped units still write their (zero) residuals and the reverse pass "
+        "reads them back. Profiled on this workload (batch 128, 26 steps; forward and reverse "
+        "timed apart, `jax.vjp`): (1) the reverse pass recomputed every block of the group that "
+        "ran, the skipped ones included, and each skipped block wrote the zero residuals of its "
+        "`B` iterations (`B R`, ~24 MB at B = 7): under `jax.vmap`, 103 ms at max_steps 256 "
+        "against 194 ms at 4096, and 410 ms with all 256 blocks in one group. Now the block sits "
+        "in a `jax.checkpoint` of its own inside the checkpointed skip branch, so a skipped "
+        "block's recomputation writes one block input; the outer recomputation of a running "
+        "block is dead code, removed (`test_backprop_gradient_evaluates_a_step_twice_not_three_times`): "
+        "reverse pass 103 ms at 4096. (2) The block length `B = sqrt(max_steps S / R)` took `R / "
+        "S = s` (the stages): measured at trace time instead (`drivers._step_residual_ratio`: "
+        "the field's `jax.vjp` residuals per stage; `S` without the outputs, which the block "
+        "checkpoint does not keep), ~100 here, so blocks of 7 steps at 4096 instead of 25. "
+        "(3) What remains grows with the memory itself: glibc's `malloc` maps buffers over "
+        "its mmap threshold (at most 32 MiB) afresh at every call and the kernel zero-fills "
+        "them page by page; with `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 "
+        "MALLOC_TOP_PAD_=268435456` (the bracketed run, same code) the spread nearly vanishes. "
+        "Before (1)-(2), interleaved on this machine: one state 1.5-1.6x, vmap 1.45-1.5x; with the "
+        "same `MALLOC_*` settings 1.30-1.34x. Under `jax.vmap` the gradient cost ~10x the one-state "
+        "one until 2026-12-01 (per-element copies of the MLP's weights from the field's "
+        "non-finite guard and the masked iteration's batched `lax.cond`; "
+        "`test_rejected_overflowing_step_of_one_vmapped_problem`)."
     ),
     "T8": (
-        "The compiled solve is cached (`equinox.filter_jit` inside `odesolve`, keyed on `f`'s "
-        "identity, the non-array `params`, array shapes and dtypes and the static options), so a "
-        "repeated eager call compiles nothing; what remains is Python per call. On a 2-state "
-        "system whose jitted solve takes ~0.2 ms, an eager `odesolve` adds ~0.15 ms (it added "
-        "~0.2-0.3 ms while each call also turned its Python-number tolerances into device arrays, "
-        "one host transfer each: now made once per value, `options._number_array`); the rest is "
-        "`odesolve`'s input checks and `Options` and `equinox.filter_jit`'s Python call "
-        "(flattening, filtering and hashing the arguments). An eager `jax.grad` re-traces the "
-        "loss and linearises and transposes the solve's compiled call at every call (JAX caches "
-        "no un-jitted transformation; cProfile of 100 calls: of ~2 ms over the jitted gradient, "
-        "over a third is JAX's eager differentiation of the two operations of the benchmark's own "
-        "loss, `mean(ys ** 2)`), ~2 ms. On "
-        "mlp-batch, where a solve costs ~25 ms, both are within a few percent of the jitted "
-        "call. Put a training step in `jax.jit` (as the README does)."
+        "A repeated eager call compiles nothing: `odesolve` keeps a `jax.jit` of its solve per "
+        "key (`f`'s identity, the non-array `params` by type and value, the static options; "
+        "array shapes and dtypes are `jax.jit`'s own key). What remains, profiled on the 2-state "
+        "systems (a solve of ~0.3 ms): (1) the program differs: the eager call's compiled solve "
+        "takes `z0`, `ts` and the tolerances as arguments, where the benchmark's jitted function "
+        "closes over them, and XLA folds them into the loop (the direction of time, a traced "
+        "+-1, multiplies every field evaluation and time; see T1): the bracketed row runs the "
+        "eager call's program under `jax.jit`; (2) Python per call, ~0.1 ms: the options, the "
+        "input checks (a `ts` or `z0` JAX array checked before is not transferred to the host "
+        "again: `errors._check_values_once`) and the cache lookup (it replaced "
+        "`equinox.filter_jit`, ~0.1 ms more per call). An eager `jax.grad` is bounded by JAX "
+        "itself: it linearises and transposes the compiled call and differentiates the loss's "
+        "own operations eagerly at every call (no un-jitted transformation is cached), so "
+        "`jax.grad` of `jax.jit(odesolve)`, with no jaxode Python at all, costs about as much "
+        "(bracketed: JAX's floor); the eager `jax.grad` of `mean(p ** 2)` alone took 2.6 ms "
+        "here. On mlp-batch, where a solve costs ~25 ms, both are within a few percent of the "
+        "jitted call. Put a training step in `jax.jit` (as the README does)."
     ),
 }
 
@@ -396,16 +391,27 @@ def evaluate_targets(res: dict) -> list[tuple[str, str, str, str]]:
 
     # T7
     traps = res.get("traps") or {}
-    rows = [r for r in (traps.get("backprop_steps") or {}).get("rows") or [] if med(r) is not None]
+
+    def spreads(key):
+        rows = [r for r in (traps.get(key) or {}).get("rows") or [] if med(r) is not None]
+        found = {}
+        for pattern in ("vmap", "one state"):
+            rs = sorted((r for r in rows if r["pattern"] == pattern), key=lambda r: r["max_steps"])
+            if len(rs) > 1:
+                times = [med(r) for r in rs]
+                found[pattern] = (rs, times, max(times) / min(times))
+        return found
+
     parts, oks = [], []
-    for pattern in ("vmap", "one state"):
-        rs = sorted((r for r in rows if r["pattern"] == pattern), key=lambda r: r["max_steps"])
-        if len(rs) > 1:
-            times = [med(r) for r in rs]
-            spread = max(times) / min(times)
-            parts.append(f"{pattern}: " + " / ".join(ms(t) for t in times) + " ms at max_steps "
-                         + " / ".join(str(r["max_steps"]) for r in rs) + f" ({spread:.2f}x)")
-            oks.append(spread <= 1.25)
+    kept = spreads("backprop_steps_malloc")
+    for pattern, (rs, times, spread) in spreads("backprop_steps").items():
+        parts.append(f"{pattern}: " + " / ".join(ms(t) for t in times) + " ms at max_steps "
+                     + " / ".join(str(r["max_steps"]) for r in rs) + f" ({spread:.2f}x)")
+        oks.append(spread <= 1.25)
+    if kept:
+        parts.append("(glibc's malloc keeping freed memory, `MALLOC_MMAP_THRESHOLD_` etc.: "
+                     + ", ".join(f"{p} {' / '.join(ms(t) for t in times)} ms ({spread:.2f}x)"
+                                 for p, (_, times, spread) in kept.items()) + ")")
     out.append(("T7", desc["T7"], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
 
     # T8
@@ -420,6 +426,14 @@ def evaluate_targets(res: dict) -> list[tuple[str, str, str, str]]:
             if rr is not None:
                 parts.append(f"{wl} {what}: {rr:.2f}x ({ms(med(e))} vs {ms(med(j))} ms)")
                 oks.append(rr <= 2.0)
+        program = ratio(med(rows.get("jit odesolve, z0 and ts as arguments")), med(rows.get("jit odesolve")))
+        if program is not None:
+            parts.append(f"({wl}: the jitted solve with `z0`, `ts` as arguments, as the eager call runs it, "
+                         f"{program:.2f}x the one with them as constants)")
+        floor = rows.get("eager jax.grad of jax.jit(odesolve)")
+        rr = ratio(med(floor), med(rows.get("jit jax.grad")))
+        if rr is not None:
+            parts.append(f"({wl}: JAX's floor, eager `jax.grad` of `jax.jit(odesolve)`, {rr:.2f}x)")
     out.append(("T8", desc["T8"], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
     return out
 

@@ -518,6 +518,7 @@ def task_backprop_steps(spec: dict) -> dict:
     jax_backend_warmup()
     rows, first_grads = [], {}
     for pattern in ("vmap", "one state"):
+        calls, pattern_rows = {}, []
         for max_steps in spec["max_steps"]:
             fn = P.jaxode_grad_fn(w.f, "dopri5", "backprop", vmap=pattern == "vmap", max_steps=max_steps)
             call = lambda fn=fn: jax.block_until_ready(fn(params, z0, ts, tol, tol))
@@ -525,11 +526,10 @@ def task_backprop_steps(spec: dict) -> dict:
                    "max_steps": max_steps}
             try:
                 t0 = now()
-                call()
+                out = call()
                 row["first_s"] = now() - t0
-                stats, out = timed(call, spec["repeats"])
                 grads = out[1]
-                row.update(stats, loss=float(out[0][0]))
+                row["loss"] = float(out[0][0])
                 if not all(np.all(np.isfinite(np.asarray(g))) for g in grads):
                     raise AssertionError("non-finite gradient")
                 base = first_grads.setdefault(pattern, grads)
@@ -537,12 +537,28 @@ def task_backprop_steps(spec: dict) -> dict:
                 if row["grad_diff_vs_first"] > 1e-4:
                     raise AssertionError(
                         f"gradient differs across max_steps: {row['grad_diff_vs_first']:.2e}")
+                call()
+                calls[max_steps] = call
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
-            rows.append(row)
+            pattern_rows.append(row)
+        # interleaved: one call of each max_steps per round, so that drift in the machine's
+        # load affects them alike
+        samples = {m: [] for m in calls}
+        for _ in range(spec["repeats"]):
+            for m, call in calls.items():
+                t0 = now()
+                call()
+                samples[m].append(now() - t0)
+        for row in pattern_rows:
+            if row["max_steps"] in samples:
+                v = samples[row["max_steps"]]
+                row.update(median_s=float(np.median(v)), min_s=float(np.min(v)), max_s=float(np.max(v)),
+                           samples=len(v))
             print(f"  {row['label']}: {row.get('median_s', float('nan')) * 1e3:.1f} ms", file=sys.stderr,
                   flush=True)
+        rows += pattern_rows
     return {"batch": batch, "rows": rows, "device": jax_device()}
 
 
@@ -566,9 +582,16 @@ def task_eager(spec: dict) -> dict:
     def loss(p):
         return jnp.mean(solve(p) ** 2)
 
-    fns = {"eager odesolve": solve, "jit odesolve": jax.jit(solve),
-           "eager jax.grad": jax.grad(loss), "jit jax.grad": jax.jit(jax.grad(loss))}
-    rows, outs = [], {}
+    jitted_solve = jax.jit(solve)
+    with_arrays = jax.jit(lambda p, z0, ts: jaxode.odesolve(w.f, z0, ts, p, solver="dopri5", rtol=w.rtol,
+                                                           atol=w.atol, max_steps=P.MAX_STEPS))
+    fns = {"eager odesolve": solve, "jit odesolve": jitted_solve,
+           # what the eager call runs: z0 and ts arguments of the compiled solve, not constants
+           "jit odesolve, z0 and ts as arguments": lambda p: with_arrays(p, z0, ts),
+           "eager jax.grad": jax.grad(loss), "jit jax.grad": jax.jit(jax.grad(loss)),
+           # JAX's own floor: eager differentiation of a compiled call, no jaxode Python per call
+           "eager jax.grad of jax.jit(odesolve)": jax.grad(lambda p: jnp.mean(jitted_solve(p) ** 2))}
+    rows, outs, calls = [], {}, {}
     for label, fn in fns.items():
         call = lambda fn=fn: jax.block_until_ready(fn(params))
         row = {"label": label}
@@ -576,14 +599,29 @@ def task_eager(spec: dict) -> dict:
         call()
         row["first_s"] = now() - t0
         t0 = now()
-        call()
+        outs[label] = call()
         row["second_s"] = now() - t0
-        stats, outs[label] = timed(call, spec["repeats"])
-        row.update(stats)
+        row["number"] = max(1, min(2000, int(0.1 / max(row["second_s"], 1e-7))))
         rows.append(row)
-        print(f"  {label}: second {row['second_s'] * 1e3:.2f} ms, steady {row['median_s'] * 1e3:.3f} ms",
-              file=sys.stderr, flush=True)
-    for a, b in (("eager odesolve", "jit odesolve"), ("eager jax.grad", "jit jax.grad")):
+        calls[label] = call
+    # interleaved samples (one of each label per round): the first label measured alone ran
+    # ~1.5x slower than later ones in the same process
+    samples = {label: [] for label in fns}
+    for _ in range(spec["repeats"]):
+        for row in rows:
+            call, number = calls[row["label"]], row["number"]
+            t0 = now()
+            for _ in range(number):
+                call()
+            samples[row["label"]].append((now() - t0) / number)
+    for row in rows:
+        v = samples[row["label"]]
+        row.update(median_s=float(np.median(v)), min_s=float(np.min(v)), max_s=float(np.max(v)),
+                   samples=len(v))
+        print(f"  {row['label']}: second {row['second_s'] * 1e3:.2f} ms, "
+              f"steady {row['median_s'] * 1e3:.3f} ms", file=sys.stderr, flush=True)
+    for a, b in (("eager odesolve", "jit odesolve"), ("eager jax.grad", "jit jax.grad"),
+                 ("eager jax.grad of jax.jit(odesolve)", "jit jax.grad")):
         diff = _grad_rel_diff(outs[a], outs[b])
         assert diff < 1e-5, f"{a} and {b} disagree: {diff:.2e}"
     t0 = now()
@@ -624,9 +662,10 @@ def _json_default(x):
 # orchestration
 
 
-def spawn(spec: dict, x64: bool = False, timeout: float = 1800) -> dict:
-    """Runs one task in a fresh subprocess; returns its result, or ``{"error": ...}``."""
-    env = dict(os.environ)
+def spawn(spec: dict, x64: bool = False, timeout: float = 1800, env: dict | None = None) -> dict:
+    """Runs one task in a fresh subprocess (``env``: variables added to its environment);
+    returns its result, or ``{"error": ...}``."""
+    env = {**os.environ, **(env or {})}
     env["JAX_ENABLE_X64"] = "1" if x64 else "0"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cmd = [sys.executable, os.path.join(HERE, "run.py"), "--worker", json.dumps(spec)]
@@ -711,6 +750,12 @@ def suite_gradients(cfg: Config) -> dict:
     return spawn(spec)
 
 
+# glibc's malloc: allocations up to 32 MiB from the heap (not mmap), freed memory kept: a
+# program's large temporaries are then not mapped (and page-faulted) afresh at every call
+MALLOC_KEEPS_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+                       "MALLOC_TOP_PAD_": str(256 << 20)}
+
+
 def suite_traps(cfg: Config) -> dict:
     """Issue 12's speed traps: the README's NeuralODE + ``eqx.filter_vmap`` pattern (adjoint
     under vmap vs one state), vmapped ``backprop`` at several ``max_steps``, eager calls vs
@@ -720,8 +765,11 @@ def suite_traps(cfg: Config) -> dict:
     out["node"] = spawn({"task": "node", "batch": 128, "repeats": cfg.repeats, "quick": cfg.quick})
     max_steps = [256, 1024] if cfg.quick else [256, 1024, 4096]
     log(f"traps suite: vmapped backprop gradient at max_steps {max_steps}")
-    out["backprop_steps"] = spawn({"task": "backprop_steps", "batch": 16 if cfg.quick else 128,
-                                   "repeats": min(cfg.repeats, 3), "max_steps": max_steps})
+    spec = {"task": "backprop_steps", "batch": 16 if cfg.quick else 128, "repeats": max(cfg.repeats, 7),
+            "max_steps": max_steps}
+    out["backprop_steps"] = spawn(spec)
+    log("traps suite: the same, glibc's malloc keeping freed memory (MALLOC_* variables)")
+    out["backprop_steps_malloc"] = spawn(spec, env=MALLOC_KEEPS_MEMORY)
     out["eager"] = {}
     for name, x64 in (("spiral", True),) + ((("mlp-batch", False),) if not cfg.quick else ()):
         log(f"traps suite: eager vs jitted calls, {name}")
