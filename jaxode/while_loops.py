@@ -33,7 +33,8 @@ block), and the block itself inside a second one: when the reverse pass recomput
 block, the zeros it writes are one block input, not the ``B · R`` residuals of a block's
 iterations. (mlp-batch, max_steps 4096: the reverse pass 1.1x faster as one state, 1.9x under
 ``jax.vmap``; a running block is still recomputed once, the outer checkpoint's recomputation
-of the inner one being dead code.)
+of the inner one being dead code, which JAX removes unless the body has effects: with a
+callback in it, ``progress=True`` say, a running block is recomputed twice.)
 
 Under ``jax.vmap`` a batched predicate would turn ``lax.cond`` into a select that runs both
 branches, and every block would run; so a block is skipped when the loop has finished for
