@@ -149,8 +149,8 @@ def _step_residual_ratio(loop: Loop, init: LoopState) -> float:
         field = residual_bytes(lambda y: loop.field(y, init.t), init.y)
     except Exception:  # a field JAX cannot differentiate: nor can the loop be, any block will do
         field = 0
-    stages = loop.method.num_stages * (field + tree_bytes(init.y))
-    return stages / max(1, tree_bytes(init._replace(ys=None, dense=None)))
+    step = loop.method.num_stages * field + _stage_bytes(loop)
+    return step / max(1, tree_bytes(init._replace(ys=None, dense=None)))
 
 
 def checkpoint(build: Build) -> LoopState:

@@ -156,15 +156,14 @@ _VALUES_CHECKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _check_values_once(kind: str, x, check: Callable) -> None:
-    """``check(x)``, skipped for a JAX array that passed it before."""
-    if not isinstance(x, jax.Array):  # a NumPy array may change in place: always checked
-        return check(x)
+    """``check(x)``, skipped for a JAX array that passed it before (a NumPy array may change
+    in place: always checked)."""
     key = (kind, id(x))
-    if _VALUES_CHECKED.get(key) is x:
-        return None
+    if isinstance(x, jax.Array) and _VALUES_CHECKED.get(key) is x:
+        return
     check(x)
-    _VALUES_CHECKED[key] = x
-    return None
+    if isinstance(x, jax.Array):
+        _VALUES_CHECKED[key] = x
 
 
 def runtime_check_ts(ts) -> Array:

@@ -290,43 +290,50 @@ def _checked_inputs(z0, ts):
 
 
 def _run_compiled(f, z0, ts, params, arrays, static: _Static):
-    """``_solve`` through a cache of compiled functions (see ``odesolve``'s notes); an eager
-    call waits for its result, so that a failure raises here as a ``SolveError``.
-    ``arrays``: ``Options.arrays()``."""
+    """``_solve`` through the cache of compiled functions (``_run_cached``; see ``odesolve``'s
+    notes). ``arrays``: ``Options.arrays()``."""
     args = (f, z0, ts, params, arrays, static)
     if adjoint.batch_traced(args):  # under jax.vmap the adjoint's own batching rule must see the solve
         return _solve(*args)
+    return _run_cached(_solve, *args)
+
+
+def _run_cached(fn: Callable, *args):
+    """``fn(*args)``, run by a ``jax.jit`` of ``fn`` kept per ``fn``, structure of ``args`` and
+    non-array leaves; an eager call waits for its result, so that a failure raises here as a
+    ``SolveError``. With a non-array leaf that cannot be hashed (``f``, a parameter) ``fn``
+    runs without the cache."""
     leaves, tree = jax.tree_util.tree_flatten(args)
     is_array = [_is_array(x) for x in leaves]
-    arrays = [x for x, a in zip(leaves, is_array) if a]
+    dynamic = [x for x, a in zip(leaves, is_array) if a]
     statics = tuple(_ARRAY if a else (type(x), x) for x, a in zip(leaves, is_array))
     try:
-        compiled = _compiled_solve(tree, statics)
-    except TypeError:  # a non-array leaf (f, a parameter) is not hashable: no cache
-        return _solve(*args)
-    return _run_eagerly_raising(compiled, *arrays)
+        compiled = _compiled(fn, tree, statics)
+    except TypeError:
+        return fn(*args)
+    return _run_eagerly_raising(compiled, *dynamic)
 
 
 def _is_array(x) -> bool:
-    """Whether a leaf is an argument of the compiled solve (``equinox.is_array``), with the
+    """Whether a leaf is an argument of the compiled function (``equinox.is_array``), with the
     common case first."""
     return type(x) is _ArrayImpl or isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-_ARRAY = object()  # the place of an array among the leaves of ``_compiled_solve``'s key
+_ARRAY = object()  # the place of an array among the leaves of ``_compiled``'s key
 _ArrayImpl = type(jnp.zeros(()))
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled_solve(tree, statics: tuple) -> Callable:
-    """``jax.jit`` of ``_solve`` for arguments of structure ``tree`` whose non-array leaves are
+def _compiled(fn: Callable, tree, statics: tuple) -> Callable:
+    """``jax.jit`` of ``fn`` for arguments of structure ``tree`` whose non-array leaves are
     ``statics`` (``(type, value)`` pairs; ``_ARRAY`` where an array goes): it takes the arrays.
     (``equinox.filter_jit`` does the same with ~0.1 ms more of Python per call.)"""
 
     def run(*arrays):
         it = iter(arrays)
         leaves = [next(it) if x is _ARRAY else x[1] for x in statics]
-        return _solve(*jax.tree_util.tree_unflatten(tree, leaves))
+        return fn(*jax.tree_util.tree_unflatten(tree, leaves))
 
     return jax.jit(run)
 
@@ -447,9 +454,8 @@ def adjoint_backward_info(
         raise ValueError("adjoint_backward_info: dense=True is not supported")
     if opts.events is not None:
         raise ValueError("adjoint_backward_info: events are not supported")
-    return _run_eagerly_raising(
-        _backward_info_compiled, f, *_checked_inputs(z0, ts), params, cotangent, opts.arrays(), _config(opts)
-    )
+    z0, ts = _checked_inputs(z0, ts)
+    return _run_cached(_backward_info, f, z0, ts, params, cotangent, opts.arrays(), _config(opts))
 
 
 def _backward_info(f, z0, ts, params, cotangent, arrays, cfg: Config):
@@ -482,5 +488,3 @@ def _backward_info(f, z0, ts, params, cotangent, arrays, cfg: Config):
         out = errors.raise_on_failure(out, jnp.where(fwd_status != 0, fwd_status, bwd_status))
     return out
 
-
-_backward_info_compiled = eqx.filter_jit(_backward_info)

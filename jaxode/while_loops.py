@@ -135,7 +135,7 @@ def residual_bytes(body: Callable[[State], State], init: State) -> int:
     Costs one more trace of ``body``."""
     closed = jax.make_jaxpr(lambda s: jax.tree_util.tree_leaves(jax.vjp(body, s)[1]))(init)
     shared = set(map(id, closed.jaxpr.constvars))
-    return sum(_nbytes(v.aval) for v in closed.jaxpr.outvars if id(v) not in shared and hasattr(v, "aval"))
+    return sum(_nbytes(v.aval) for v in closed.jaxpr.outvars if id(v) not in shared)
 
 
 def tree_bytes(tree: Any) -> int:
