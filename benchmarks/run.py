@@ -79,6 +79,23 @@ def timed(call, repeats: int, target_s: float = 0.1) -> tuple[dict, object]:
     return stats, out
 
 
+def timed_interleaved(calls: dict, repeats: int, numbers: dict | None = None) -> dict:
+    """Steady-state times of several compiled ``calls`` (``{key: call}``), sampled in rounds
+    of one sample of each, so that drift in the machine's load affects them alike (measured
+    alone, the first of several calls ran ~1.5x slower than later ones in the same process):
+    ``{key: {"median_s", "min_s", "max_s", "samples"}}``; ``numbers[key]`` calls per sample."""
+    samples = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            number = (numbers or {}).get(key, 1)
+            t0 = now()
+            for _ in range(number):
+                call()
+            samples[key].append((now() - t0) / number)
+    return {key: {"median_s": float(np.median(v)), "min_s": float(np.min(v)), "max_s": float(np.max(v)),
+                  "samples": len(v)} for key, v in samples.items()}
+
+
 def proc_status_kib(key: str) -> int | None:
     try:
         with open("/proc/self/status") as fh:
@@ -543,19 +560,9 @@ def task_backprop_steps(spec: dict) -> dict:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
             pattern_rows.append(row)
-        # interleaved: one call of each max_steps per round, so that drift in the machine's
-        # load affects them alike
-        samples = {m: [] for m in calls}
-        for _ in range(spec["repeats"]):
-            for m, call in calls.items():
-                t0 = now()
-                call()
-                samples[m].append(now() - t0)
+        stats = timed_interleaved(calls, spec["repeats"])
         for row in pattern_rows:
-            if row["max_steps"] in samples:
-                v = samples[row["max_steps"]]
-                row.update(median_s=float(np.median(v)), min_s=float(np.min(v)), max_s=float(np.max(v)),
-                           samples=len(v))
+            row.update(stats.get(row["max_steps"], {}))
             print(f"  {row['label']}: {row.get('median_s', float('nan')) * 1e3:.1f} ms", file=sys.stderr,
                   flush=True)
         rows += pattern_rows
@@ -604,20 +611,9 @@ def task_eager(spec: dict) -> dict:
         row["number"] = max(1, min(2000, int(0.1 / max(row["second_s"], 1e-7))))
         rows.append(row)
         calls[label] = call
-    # interleaved samples (one of each label per round): the first label measured alone ran
-    # ~1.5x slower than later ones in the same process
-    samples = {label: [] for label in fns}
-    for _ in range(spec["repeats"]):
-        for row in rows:
-            call, number = calls[row["label"]], row["number"]
-            t0 = now()
-            for _ in range(number):
-                call()
-            samples[row["label"]].append((now() - t0) / number)
+    stats = timed_interleaved(calls, spec["repeats"], {row["label"]: row["number"] for row in rows})
     for row in rows:
-        v = samples[row["label"]]
-        row.update(median_s=float(np.median(v)), min_s=float(np.min(v)), max_s=float(np.max(v)),
-                   samples=len(v))
+        row.update(stats[row["label"]])
         print(f"  {row['label']}: second {row['second_s'] * 1e3:.2f} ms, "
               f"steady {row['median_s'] * 1e3:.3f} ms", file=sys.stderr, flush=True)
     for a, b in (("eager odesolve", "jit odesolve"), ("eager jax.grad", "jit jax.grad"),
