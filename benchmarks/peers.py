@@ -443,6 +443,52 @@ def jax_odeint_grad(w: W.Workload) -> Case:
     return Case("jax odeint", "dopri5 adjoint", build(w.f), _grad_to_numpy, _jax_count(build, w.f))
 
 
+SCAN_STEPS_PER_OUTPUT = 3
+
+
+def scan_floor_grad_fn(f, steps_per_output: int = SCAN_STEPS_PER_OUTPUT):
+    """A jitted ``fn(params, z0, ts) -> ((loss, ys), grads)``: JAX's own reverse mode of a bare
+    fixed-step dopri5, ``steps_per_output`` equal steps per output interval (so the outputs
+    are steps' ends), each step under ``jax.checkpoint``: recomputed and differentiated one at
+    a time, as jaxode's ``"checkpoint"`` and diffrax's RecursiveCheckpointAdjoint do, but with
+    no step control, failure checks or interpolation. The floor of an exact gradient taking
+    this many steps, in the same run."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxode.methods.tableaus import DOPRI5 as tab
+
+    def step(y, t, h, p):
+        ks = [f(y, t, p)]
+        for c_i, a_i in zip(tab.c[1:], tab.a):
+            y_i = y + h * sum(a * k for a, k in zip(a_i, ks) if a != 0)
+            ks.append(f(y_i, t + c_i * h, p))
+        return y + h * sum(b * k for b, k in zip(tab.b, ks) if b != 0)
+
+    def interval(y, t0_t1, p):
+        t0, t1 = t0_t1
+        h = (t1 - t0) / steps_per_output
+        for j in range(steps_per_output):
+            y = jax.checkpoint(step)(y, t0 + j * h, h, p)
+        return y, y
+
+    def loss(p, z0, ts):
+        _, ys = jax.lax.scan(lambda y, tt: interval(y, tt, p), z0, (ts[:-1], ts[1:]))
+        ys = jnp.concatenate([z0[None], ys])
+        return W.mlp_loss(ys), ys
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def scan_floor_grad(w: W.Workload) -> Case:
+    z0, ts, params = jax_data(w)
+    fn = scan_floor_grad_fn(w.f)
+    steps = SCAN_STEPS_PER_OUTPUT * (len(w.ts) - 1)
+    return Case("JAX scan", f"dopri5 {steps} fixed steps, jax.checkpoint per step",
+                lambda: _block(fn(params, z0, ts)), _grad_to_numpy,
+                note="floor: no step control, checks or interpolation")
+
+
 def torchdiffeq_grad(w: W.Workload, adjoint: bool) -> Case:
     import torch
     import torchdiffeq
@@ -492,6 +538,7 @@ def grad_cases(w: W.Workload) -> list[tuple[str, Callable[[], Case]]]:
                         lambda s=s: diffrax_grad(w, s, "recursive")))
     if available("jax.experimental.ode"):
         out.append(("jax odeint dopri5 adjoint", lambda: jax_odeint_grad(w)))
+    out.append(("JAX scan dopri5 floor", lambda: scan_floor_grad(w)))
     if available("torchdiffeq"):
         out.append(("torchdiffeq dopri5 odeint (backprop)", lambda: torchdiffeq_grad(w, False)))
         out.append(("torchdiffeq dopri5 odeint_adjoint", lambda: torchdiffeq_grad(w, True)))

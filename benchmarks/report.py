@@ -83,6 +83,11 @@ CAUSES = {
         "f. Here every step is a checkpoint (26 steps < 182 slots), so nothing else is "
         "recomputed. 0.75x would need the forward's MLP intermediates kept instead of recomputed "
         "(~3.6 MB per step here, ~25% of the time) or fewer steps (T2b: 158 vs 139 NFE). "
+        "The bracketed floor is JAX's own reverse mode of a bare fixed-step dopri5 in a "
+        "`lax.scan` (`peers.scan_floor_grad`: 3 steps per output interval, 30 in all against "
+        "jaxode's 26, each under `jax.checkpoint`; no step control, failure checks or "
+        "interpolation): the time of the same work with nothing around it, about 0.8x diffrax's "
+        "in scratch runs on this machine (2026-12-01). "
         "`backprop` (nested checkpointed scans, kept for forward mode) pays also for the "
         "skipped blocks of max_steps = 4096."
     ),
@@ -311,6 +316,9 @@ def evaluate_targets(res: dict) -> list[tuple[str, str, str, str]]:
             j, d = g.get(f"jaxode {s} {also[0]}"), g.get(f"diffrax {s} {theirs}")
             if med(j) is not None and med(d) is not None:
                 parts.append(f"({also[1]} {s}: {ratio(med(j), med(d)):.2f}x)")
+        floor, d = g.get("JAX scan dopri5 floor"), g.get(f"diffrax dopri5 {theirs}")
+        if key == "T3b" and med(floor) is not None and med(d) is not None:
+            parts.append(f"(JAX's floor, {floor['method']}: {ratio(med(floor), med(d)):.2f}x)")
         out.append((key, desc[key], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
 
     # T4
