@@ -485,7 +485,7 @@ def scan_floor_grad(w: W.Workload) -> Case:
     fn = scan_floor_grad_fn(w.f)
     steps = SCAN_STEPS_PER_OUTPUT * (len(w.ts) - 1)
     return Case("JAX scan", f"dopri5 {steps} fixed steps, jax.checkpoint per step",
-                lambda: _block(fn(params, z0, ts)), _grad_to_numpy,
+                lambda: _block(fn(params, z0, ts)), _grad_to_numpy, stats=lambda out: {"steps": steps},
                 note="floor: no step control, checks or interpolation")
 
 

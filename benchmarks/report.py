@@ -47,7 +47,15 @@ CAUSES = {
         "half of that difference is the direction of time, a traced +-1 that multiplies every "
         "field evaluation and time of the loop (fixed to +1 as an experiment: 1.25x), which a "
         "constant `ts` folds away. An outer `lax.scan` over the outputs, as odeint has, was "
-        "tried and was slower (pendulum 1.13-1.4x with constant `ts`, spiral 1.02x from 0.82x)."
+        "tried and was slower (pendulum 1.13-1.4x with constant `ts`, spiral 1.02x from 0.82x). "
+        "The ratio also depends on the host: on pendulum it was 0.9-1.1x in one run and 1.5-3.4x "
+        "in another on the same type of 2-vCPU VM (2026-12-01). A trace (`jax.profiler`) shows "
+        "why: XLA runs jaxode's whole solve on one of its worker threads (its runtime hands a "
+        "program with parallel operations to its thread pool), where odeint's runs on the "
+        "calling thread, so every call pays two thread wake-ups, slow on a VM whose idle vCPU "
+        "halts. Pinned to one core (`taskset -c 0`), pendulum took 0.23-0.35 ms against "
+        "odeint's 0.23-0.25 ms; unpinned, 0.41-0.62 ms. Wrapping the solve in a top-level "
+        "`lax.cond` did not keep it on the calling thread."
     ),
     "T2a": (
         "Per step, beyond the NFE field evaluations: the RK combinations, the error norm and the "
@@ -86,8 +94,12 @@ CAUSES = {
         "The bracketed floor is JAX's own reverse mode of a bare fixed-step dopri5 in a "
         "`lax.scan` (`peers.scan_floor_grad`: 3 steps per output interval, 30 in all against "
         "jaxode's 26, each under `jax.checkpoint`; no step control, failure checks or "
-        "interpolation): the time of the same work with nothing around it, about 0.8x diffrax's "
-        "in scratch runs on this machine (2026-12-01). "
+        "interpolation): the time of the same work with nothing around it. Scaled to jaxode's "
+        "number of steps it is the floor of this algorithm at jaxode's step count, and lies "
+        "above 0.75x: the target needs fewer steps (T2b) or the field's intermediates kept. "
+        "jaxode's time per step is diffrax's, to the run-to-run noise: the ratio was 0.89x in "
+        "one full run and 1.11x in the next (2026-12-01, the same code: a host-to-host "
+        "difference; an A/B of the two commits in one session gave the same ratio). "
         "`backprop` (nested checkpointed scans, kept for forward mode) pays also for the "
         "skipped blocks of max_steps = 4096."
     ),
@@ -318,7 +330,13 @@ def evaluate_targets(res: dict) -> list[tuple[str, str, str, str]]:
                 parts.append(f"({also[1]} {s}: {ratio(med(j), med(d)):.2f}x)")
         floor, d = g.get("JAX scan dopri5 floor"), g.get(f"diffrax dopri5 {theirs}")
         if key == "T3b" and med(floor) is not None and med(d) is not None:
-            parts.append(f"(JAX's floor, {floor['method']}: {ratio(med(floor), med(d)):.2f}x)")
+            text = f"(JAX's floor, {floor['method']}: {ratio(med(floor), med(d)):.2f}x"
+            forward = by_label((peers.get("mlp-batch") or {}).get("rows"))
+            steps = (forward.get("jaxode dopri5") or {}).get("steps")
+            if steps and floor.get("steps"):  # the floor's time per step, at jaxode's number of steps
+                per_step = med(floor) / floor["steps"]
+                text += f"; at jaxode's {steps} steps {ratio(per_step * steps, med(d)):.2f}x"
+            parts.append(text + ")")
         out.append((key, desc[key], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
 
     # T4
