@@ -562,14 +562,8 @@ def write_while(ys, i_out, s_ts, accept, step: Attempt, coeffs, method: Method):
 
 def write_masked(ys, i_out, s_ts, accept, step: Attempt, coeffs, method: Method):
     """Writes the outputs in ``step``'s ``(t, t_new]``, if ``accept``, by masking all of them
-    (reverse-differentiable).
-
-    The coefficients (and ``y_new``) are computed once, behind an optimisation barrier: else XLA
-    fuses their computation from the stages into the ``(T, n)`` interpolation and repeats it for
-    every output time (mlp-batch, ``gradient="backprop"``: ~0.45 ms more a step, the gradient
-    ~7% slower)."""
-    coeffs, y_new = lax.optimization_barrier((coeffs, step.y_new))
-    t, h, t_new, y = step.t, step.h, step.t_new, step.y
+    (reverse-differentiable)."""
+    t, h, t_new, y, y_new = step.t, step.h, step.t_new, step.y, step.y_new
     inside = accept & (s_ts > t) & (s_ts <= t_new)
     theta = jnp.clip((s_ts - t) / h, 0, 1)
     values = jax.vmap(lambda th: method.interpolate(y, coeffs, th))(theta)
