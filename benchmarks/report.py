@@ -253,6 +253,21 @@ def failed(result) -> str | None:
 # targets
 
 
+def _scan_floor(g: dict, peers: dict, diffrax_row: dict | None) -> list[str]:
+    """T3b's bracketed floor (``peers.scan_floor_grad``) against ``diffrax_row``, also at
+    jaxode's number of dopri5 steps on mlp-batch (its time per step times those steps)."""
+    floor = g.get("JAX scan dopri5 floor")
+    if med(floor) is None or med(diffrax_row) is None:
+        return []
+    text = f"(JAX's floor, {floor['method']}: {ratio(med(floor), med(diffrax_row)):.2f}x"
+    forward = by_label((peers.get("mlp-batch") or {}).get("rows"))
+    steps = (forward.get("jaxode dopri5") or {}).get("steps")
+    if steps and floor.get("steps"):
+        at_steps = med(floor) / floor["steps"] * steps
+        text += f"; at jaxode's {steps} steps {ratio(at_steps, med(diffrax_row)):.2f}x"
+    return [text + ")"]
+
+
 def evaluate_targets(res: dict) -> list[tuple[str, str, str, str]]:
     out = []
     peers = (res.get("peers") or {}).get("forward", {})
@@ -328,15 +343,8 @@ def evaluate_targets(res: dict) -> list[tuple[str, str, str, str]]:
             j, d = g.get(f"jaxode {s} {also[0]}"), g.get(f"diffrax {s} {theirs}")
             if med(j) is not None and med(d) is not None:
                 parts.append(f"({also[1]} {s}: {ratio(med(j), med(d)):.2f}x)")
-        floor, d = g.get("JAX scan dopri5 floor"), g.get(f"diffrax dopri5 {theirs}")
-        if key == "T3b" and med(floor) is not None and med(d) is not None:
-            text = f"(JAX's floor, {floor['method']}: {ratio(med(floor), med(d)):.2f}x"
-            forward = by_label((peers.get("mlp-batch") or {}).get("rows"))
-            steps = (forward.get("jaxode dopri5") or {}).get("steps")
-            if steps and floor.get("steps"):  # the floor's time per step, at jaxode's number of steps
-                per_step = med(floor) / floor["steps"]
-                text += f"; at jaxode's {steps} steps {ratio(per_step * steps, med(d)):.2f}x"
-            parts.append(text + ")")
+        if key == "T3b":
+            parts += _scan_floor(g, peers, g.get(f"diffrax dopri5 {theirs}"))
         out.append((key, desc[key], "; ".join(parts) or "n/a", verdict(all(oks) if oks else None)))
 
     # T4

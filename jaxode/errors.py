@@ -158,11 +158,11 @@ _VALUES_CHECKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 def _check_values_once(kind: str, x, check: Callable) -> None:
     """``check(x)``, skipped for a JAX array that passed it before (a NumPy array may change
     in place: always checked)."""
-    key = (kind, id(x))
-    if isinstance(x, jax.Array) and _VALUES_CHECKED.get(key) is x:
+    key, immutable = (kind, id(x)), isinstance(x, jax.Array)
+    if immutable and _VALUES_CHECKED.get(key) is x:
         return
     check(x)
-    if isinstance(x, jax.Array):
+    if immutable:
         _VALUES_CHECKED[key] = x
 
 
